@@ -1,0 +1,165 @@
+"""Configuration: one YAML file, validated against a schema, defaults in one place.
+
+The file is ``/etc/vmshare/vmshare.yaml`` unless ``VMSHARE_CONFIG`` names
+another; a missing file means "all defaults".  YAML is loaded with
+``safe_load`` (no Python tags) and every error names the key path.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/vmshare/vmshare.yaml")
+
+# The schema: a nested dict of key -> (type, default) or key -> sub-schema.
+# Unknown keys are rejected (additionalProperties: false everywhere).
+SCHEMA: dict[str, Any] = {
+    "store_dir": (str, "/var/lib/libvirt/vmshare"),
+    "libvirt_uri": (str, "qemu:///system"),
+    "keep_originals": (bool, True),
+    "appliance": {
+        # None: libguestfs's own default (which honours LIBGUESTFS_BACKEND).
+        "backend": ((str, type(None)), None),
+        # e.g. ["force_tcg"] where nested KVM is broken; [] uses KVM when present.
+        "backend_settings": (list, []),
+        "memsize_mb": ((int, type(None)), None),
+    },
+    "auto_enroll": {
+        "enabled": (bool, True),
+        "include": (list, ["*"]),
+        "exclude": (list, []),
+        # When true, only domains whose XML carries
+        # <metadata><vmshare:enroll xmlns:vmshare="https://vmshare.invalid/1"/></metadata>.
+        "require_metadata": (bool, False),
+        "min_saving_bytes": (int, 0),
+    },
+}
+
+
+@dataclass(frozen=True)
+class ApplianceSettings:
+    backend: str | None = None
+    backend_settings: tuple[str, ...] = ()
+    memsize_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class AutoEnrollPolicy:
+    enabled: bool = True
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    require_metadata: bool = False
+    min_saving_bytes: int = 0
+
+    def admits_name(self, name: str) -> bool:
+        """True when the domain name passes the include/exclude patterns."""
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude):
+            return False
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.include)
+
+
+@dataclass(frozen=True)
+class Config:
+    store_dir: Path = Path("/var/lib/libvirt/vmshare")
+    libvirt_uri: str = "qemu:///system"
+    keep_originals: bool = True
+    appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
+    auto_enroll: AutoEnrollPolicy = field(default_factory=AutoEnrollPolicy)
+    source: Path | None = None
+
+
+def _type_name(types: Any) -> str:
+    if isinstance(types, tuple):
+        return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+    return types.__name__
+
+
+def _validate(data: Any, schema: dict[str, Any], path: str) -> dict[str, Any]:
+    """Check ``data`` against ``schema`` and return it with defaults filled in."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'top level'}: expected a mapping, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key in data:
+        if key not in schema:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key", hint=f"known keys: {', '.join(sorted(schema))}")
+    for key, spec in schema.items():
+        where = f"{path}.{key}" if path else key
+        if isinstance(spec, dict):
+            out[key] = _validate(data.get(key), spec, where)
+            continue
+        types, default = spec
+        if key not in data:
+            out[key] = default
+            continue
+        value = data[key]
+        # bool is an int subclass: do not let `true` pass as an integer.
+        bad_bool = isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,))
+        if bad_bool or not isinstance(value, types):
+            raise ConfigError(f"{where}: expected {_type_name(types)}, got {type(value).__name__}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings")
+        out[key] = value
+    return out
+
+
+def parse(text: str, source: Path | None = None) -> Config:
+    """Parse and validate configuration text."""
+    import yaml  # imported here: the hook must not pay for it
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", target=str(source or "config")) from exc
+    try:
+        values = _validate(data, SCHEMA, "")
+    except ConfigError as exc:
+        exc.target = str(source or "config")
+        raise
+    if values["auto_enroll"]["min_saving_bytes"] < 0:
+        raise ConfigError("auto_enroll.min_saving_bytes: must not be negative", target=str(source or "config"))
+    return Config(
+        store_dir=Path(values["store_dir"]),
+        libvirt_uri=values["libvirt_uri"],
+        keep_originals=values["keep_originals"],
+        appliance=ApplianceSettings(
+            backend=values["appliance"]["backend"],
+            backend_settings=tuple(values["appliance"]["backend_settings"]),
+            memsize_mb=values["appliance"]["memsize_mb"],
+        ),
+        auto_enroll=AutoEnrollPolicy(
+            enabled=values["auto_enroll"]["enabled"],
+            include=tuple(values["auto_enroll"]["include"]),
+            exclude=tuple(values["auto_enroll"]["exclude"]),
+            require_metadata=values["auto_enroll"]["require_metadata"],
+            min_saving_bytes=values["auto_enroll"]["min_saving_bytes"],
+        ),
+        source=source,
+    )
+
+
+def config_path() -> Path:
+    env = os.environ.get("VMSHARE_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load(path: Path | None = None) -> Config:
+    """Load the configuration file; a missing default file means all defaults."""
+    path = path or config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if path == DEFAULT_PATH:
+            return Config()
+        raise ConfigError("configuration file not found", target=str(path), hint="check VMSHARE_CONFIG") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", target=str(path)) from exc
+    return parse(text, path)

@@ -1,0 +1,70 @@
+"""The project's error types.
+
+Every error a user can see derives from :class:`VmshareError`.  Its message is
+one line that says what happened; ``hint`` says what to do next.  The CLI
+prints ``vmshare: <target>: <message> (<hint>)`` and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class VmshareError(Exception):
+    """Base of every error vmshare reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, target: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.target = target
+        self.hint = hint
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.target:
+            text = f"{self.target}: {text}"
+        if self.hint:
+            text = f"{text} ({self.hint})"
+        return text
+
+
+class ConfigError(VmshareError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class TargetError(VmshareError):
+    """A target named by the user cannot be used (missing path, unknown domain, not an image)."""
+
+
+class ConnectionError_(VmshareError):
+    """libvirt could not be reached."""
+
+
+class ImageError(VmshareError):
+    """A disk image is unreadable, corrupt or of an unsupported kind."""
+
+
+class GuestError(VmshareError):
+    """The libguestfs appliance failed, or a guest filesystem could not be read."""
+
+
+class BlockedError(VmshareError):
+    """A safety rule forbids the operation (domain not offline, snapshots, ...)."""
+
+
+class StoreError(VmshareError):
+    """The state store is unreadable, corrupt or of an unknown schema."""
+
+
+class BusyError(VmshareError):
+    """Another vmshare operation holds the lock."""
+
+    exit_code = 2
+
+
+class VerificationError(VmshareError):
+    """A produced image does not match what it must contain."""
+
+
+class OperationError(VmshareError):
+    """A multi-step operation failed; the message says what was left untouched."""
