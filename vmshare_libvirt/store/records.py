@@ -1,0 +1,117 @@
+"""Rows of the state store as frozen dataclasses.
+
+JSON columns come back decoded (``os``, ``layout``, ``params``, ...); times are
+seconds since the epoch (``time.time()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GENERATION_STATES = ("building", "published", "retired")
+MEMBER_STATES = ("enrolled", "committed")
+OPERATION_STATES = ("running", "done", "rolled_back", "failed")
+FINAL_OPERATION_STATES = ("done", "rolled_back", "failed")
+STEP_STATES = ("intent", "done", "undone")
+JOB_STATES = ("queued", "running", "done", "failed")
+WAIT_FOR = (None, "domain-stopped")
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    os: dict[str, Any]
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: int
+    group_name: str
+    path: str
+    fingerprint: dict[str, int] | None  # the quick fingerprint; None until published
+    full_digest: str | None  # sha256 hex; None until published
+    layout: dict[str, Any]
+    state: str  # building | published | retired
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Member:
+    domain: str
+    disk_path: str
+    group_name: str
+    generation_id: int
+    original_path: str | None  # the kept original; None once committed
+    original_allocated_bytes: int | None
+    state: str  # enrolled | committed
+    enrolled_at: float
+
+
+@dataclass(frozen=True)
+class Operation:
+    id: int
+    kind: str
+    params: dict[str, Any]
+    state: str  # running | done | rolled_back | failed
+    started_at: float
+    ended_at: float | None
+    pid: int
+
+
+@dataclass(frozen=True)
+class Step:
+    op_id: int
+    seq: int
+    name: str
+    data: dict[str, Any]
+    state: str  # intent | done | undone
+    at: float
+
+
+@dataclass(frozen=True)
+class BusyDisk:
+    domain: str
+    disk_path: str
+    op_id: int
+    stage: str  # building | switching
+    cancel_requested: bool
+    since: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    domain: str | None
+    params: dict[str, Any]
+    wait_for: str | None  # None | "domain-stopped"
+    state: str  # queued | running | done | failed
+    created_at: float
+    updated_at: float
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DomainEvent:
+    id: int
+    domain: str
+    event: str
+    at: float
+
+
+@dataclass(frozen=True)
+class InventoryEntry:
+    domain: str
+    disk_path: str
+    os: dict[str, Any]
+    layout: dict[str, Any]
+    summary: dict[str, Any]
+    seen_at: float
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    pid: int | None
+    kind: str
