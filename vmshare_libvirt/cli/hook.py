@@ -1,0 +1,188 @@
+"""``vmshare hook install|uninstall|status``: the libvirt qemu hook drop-in."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import TargetError
+
+HOOK_NAME = "50-vmshare"
+DEFAULT_DIR = Path("/etc/libvirt/hooks/qemu.d")
+MARKER = "vmshare_libvirt.hook"
+RESTART_NOTE = ("libvirtd only runs hook files that existed when it started: "
+                "restart libvirtd (or virtqemud) after installing a new hook")
+
+# The shim; hooks/qemu in the source tree is this text rendered for /usr/bin/python3.
+SHIM_TEMPLATE = """\
+#!/bin/sh
+# vmshare: libvirt qemu hook, installed as /etc/libvirt/hooks/qemu.d/50-vmshare
+# by 'vmshare hook install', which writes the interpreter path below.
+#
+# libvirt runs it as: 50-vmshare <domain> <operation> <sub-operation> <extra>,
+# with the domain XML on stdin.  The Python side refuses a domain start with
+# status 77; only that becomes a failure for libvirt.  Anything else (vmshare
+# uninstalled, a Python error, a crash) lets libvirt go on: a broken vmshare
+# must never keep guests from starting, and a failed 'reconnect' would kill
+# a running guest.
+VMSHARE_PYTHON={python}
+[ -x "$VMSHARE_PYTHON" ] || exit 0
+"$VMSHARE_PYTHON" -I -m vmshare_libvirt.hook "$@"
+[ "$?" -eq 77 ] && exit 1
+exit 0
+"""
+
+
+def render_shim(python: str) -> str:
+    return SHIM_TEMPLATE.format(python=shlex.quote(python))
+
+
+def installed_python(text: str) -> str | None:
+    """The interpreter path written in an installed shim."""
+    for line in text.splitlines():
+        if line.startswith("VMSHARE_PYTHON="):
+            words = shlex.split(line[len("VMSHARE_PYTHON="):])
+            return words[0] if words else None
+    return None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("hook", help="install, remove or show the libvirt qemu hook",
+                                   description="Manage the libvirt qemu hook that keeps guests from "
+                                               "starting on a disk vmshare is changing.")
+    actions = parser.add_subparsers(dest="hook_action", metavar="ACTION")
+    actions.required = True
+
+    install = actions.add_parser("install", help="install or update the hook")
+    install.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"hook directory (default: {DEFAULT_DIR})")
+    install.add_argument("--python", default=sys.executable,
+                         help="interpreter the hook runs (default: the one running this command)")
+    install.add_argument("--no-check", action="store_true",
+                         help="do not check that the interpreter can import the hook")
+    install.set_defaults(func=_install)
+
+    uninstall = actions.add_parser("uninstall", help="remove the hook")
+    uninstall.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    uninstall.set_defaults(func=_uninstall)
+
+    status = actions.add_parser("status", help="is the hook installed, and with which interpreter")
+    status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=_status)
+
+
+def _check_python(python: str) -> None:
+    from .. import process
+
+    try:
+        process.run([python, "-I", "-c", "import vmshare_libvirt.hook"], timeout=60)
+    except process.CommandError as exc:
+        raise TargetError(f"{python} cannot import vmshare_libvirt.hook: {exc.message}", target=python,
+                          hint="pass --python with the interpreter of the environment vmshare is installed in"
+                          ) from exc
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+        try:
+            os.write(fd, text.encode())
+            os.fchmod(fd, 0o755)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TargetError(f"cannot write the hook: {exc.strerror}", target=str(path)) from exc
+
+
+def _install(args: argparse.Namespace, ctx) -> int:
+    python = args.python
+    if not os.path.isabs(python):
+        raise TargetError("the interpreter path must be absolute (libvirt runs hooks with no PATH)", target=python)
+    if not os.access(python, os.X_OK):
+        raise TargetError("no such executable", target=python)
+    if not args.no_check:
+        _check_python(python)
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TargetError(f"cannot create the hook directory: {exc.strerror}", target=str(args.dir)) from exc
+    path = args.dir / HOOK_NAME
+    existed = path.exists()
+    _write_atomically(path, render_shim(python))
+    ctx.stdout.write(f"{'updated' if existed else 'installed'} {path} (python {python})\n")
+    if not existed:
+        ctx.stdout.write(f"note: {RESTART_NOTE}\n")
+    return 0
+
+
+def _uninstall(args: argparse.Namespace, ctx) -> int:
+    path = args.dir / HOOK_NAME
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        ctx.stdout.write(f"not installed: {path}\n")
+        return 0
+    except OSError as exc:
+        raise TargetError(f"cannot read: {exc.strerror}", target=str(path)) from exc
+    if MARKER not in text:
+        raise TargetError("not a vmshare hook; left in place", target=str(path))
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise TargetError(f"cannot remove: {exc.strerror}", target=str(path)) from exc
+    ctx.stdout.write(f"removed {path}\n")
+    return 0
+
+
+def hook_status(directory: Path) -> dict:
+    """What is installed in ``directory``: a dict for humans and ``--json``."""
+    path = directory / HOOK_NAME
+    info: dict = {"path": str(path), "installed": False, "python": None, "python_present": None,
+                  "current": None, "executable": None, "note": RESTART_NOTE}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return info
+    python = installed_python(text)
+    info.update(
+        installed=MARKER in text,
+        python=python,
+        python_present=bool(python) and os.access(python, os.X_OK),
+        current=bool(python) and text == render_shim(python),
+        executable=os.access(path, os.X_OK),
+    )
+    return info
+
+
+def _status(args: argparse.Namespace, ctx) -> int:
+    info = hook_status(args.dir)
+    if args.json:
+        ctx.emit_json(info)
+        return 0 if info["installed"] else 1
+    if not info["installed"]:
+        ctx.stdout.write(f"hook: not installed ({info['path']}); run 'vmshare hook install'\n")
+        return 1
+    ctx.stdout.write(f"hook: installed at {info['path']}\n")
+    state = "present" if info["python_present"] else "MISSING: the hook does nothing until it exists"
+    ctx.stdout.write(f"python: {info['python']} ({state})\n")
+    if not info["executable"]:
+        ctx.stdout.write("warning: the hook file is not executable; libvirt will not run it\n")
+    if not info["current"]:
+        ctx.stdout.write("warning: the hook differs from what this vmshare installs; run 'vmshare hook install'\n")
+    ctx.stdout.write(f"note: {RESTART_NOTE}\n")
+    return 0
