@@ -166,7 +166,7 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
         raise StoreError(f"state store is unreadable: {exc}", target=path) from exc
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"state store is corrupt: {exc}", target=path,
-                         hint="restore it from a backup; 'vmshare recover' will not act on a damaged journal") from exc
+                         hint="restore it from a backup; vmshare will not act on a damaged journal") from exc
     if len(rows) != 1 or not isinstance(rows[0][0], int):
         raise StoreError("state store has a damaged schema version record", target=path,
                          hint="restore it from a backup")

@@ -14,6 +14,7 @@ from .. import statedb
 from ..errors import StoreError
 
 DEFAULT_TIMEOUT = 10.0
+DAMAGE_HINT = "restore it from a backup; vmshare will not act on a damaged journal"
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -116,13 +117,13 @@ class StoreBase:
                                      target=statedb.db_path(store_dir))
             result = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
             if result != ["ok"]:
-                raise StoreError(f"state store is damaged: {'; '.join(map(str, result[:3]))}",
-                                 target=statedb.db_path(store_dir),
-                                 hint="restore it from a backup; vmshare will not act on a damaged journal")
+                detail = "; ".join(" ".join(str(r).split()) for r in result[:3])  # one line
+                raise StoreError(f"state store is damaged: {detail}", target=statedb.db_path(store_dir),
+                                 hint=DAMAGE_HINT)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreError(f"state store is corrupt: {exc}", target=statedb.db_path(store_dir),
-                             hint="restore it from a backup; vmshare will not act on a damaged journal") from exc
+                             hint=DAMAGE_HINT) from exc
         except BaseException:
             conn.close()
             raise

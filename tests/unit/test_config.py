@@ -1,0 +1,110 @@
+"""Configuration: defaults, schema errors naming the key path, safe YAML, 'vmshare validate'."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from vmshare_libvirt import config
+from vmshare_libvirt.cli import Context
+from vmshare_libvirt.cli import validate as validate_cmd
+from vmshare_libvirt.errors import ConfigError
+
+PACKAGED = Path(__file__).resolve().parents[2] / "packaging" / "vmshare.yaml"
+
+
+def test_empty_file_means_defaults():
+    cfg = config.parse("")
+    assert cfg.store_dir == Path("/var/lib/libvirt/vmshare")
+    assert cfg.libvirt_uri == "qemu:///system" and cfg.keep_originals is True
+    assert cfg.auto_enroll.include == ("*",) and cfg.appliance.backend is None
+
+
+def test_packaged_default_config_is_valid_and_matches_the_defaults():
+    cfg = config.load(PACKAGED)
+    defaults = config.parse("")
+    assert (cfg.store_dir, cfg.libvirt_uri, cfg.appliance, cfg.auto_enroll) == \
+        (defaults.store_dir, defaults.libvirt_uri, defaults.appliance, defaults.auto_enroll)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("colour: blue\n", "colour: unknown key"),
+    ("auto_enroll:\n  colour: blue\n", "auto_enroll.colour: unknown key"),
+    ("keep_originals: 'yes'\n", "keep_originals: expected bool, got str"),
+    ("appliance:\n  memsize_mb: true\n", "appliance.memsize_mb: expected int or null, got bool"),
+    ("auto_enroll:\n  include: [1, 2]\n", "auto_enroll.include: expected a list of strings"),
+    ("auto_enroll:\n  min_saving_bytes: -1\n", "auto_enroll.min_saving_bytes: must not be negative"),
+    ("appliance: [1]\n", "appliance: expected a mapping"),
+])
+def test_schema_errors_name_the_key_path(text, where):
+    with pytest.raises(ConfigError) as err:
+        config.parse(text)
+    assert where in str(err.value)
+
+
+@pytest.mark.parametrize("text", [
+    "store_dir: !!python/object/apply:os.system ['touch /tmp/vmshare-pwned']\n",
+    "auto_enroll:\n  include: !!python/object:os.system {}\n",
+])
+def test_python_tags_are_rejected(text):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.parse(text)
+
+
+@pytest.mark.xfail(strict=True, reason="config.parse reports YAML constructor errors without the key path "
+                                        "(RELIABILITY 28); config.py belongs to another module owner")
+def test_python_tag_error_names_the_key_path():
+    with pytest.raises(ConfigError) as err:
+        config.parse("auto_enroll:\n  include: !!python/object:os.system {}\n")
+    assert "auto_enroll.include" in str(err.value)
+
+
+def test_environment_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "v.yaml"
+    path.write_text("libvirt_uri: test:///default\n")
+    monkeypatch.setenv("VMSHARE_CONFIG", str(path))
+    assert config.config_path() == path
+    assert config.load().libvirt_uri == "test:///default"
+
+
+def test_missing_named_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "absent.yaml")
+
+
+# ---- vmshare validate ------------------------------------------------------------------
+
+def _validate(argv):
+    parser = argparse.ArgumentParser()
+    validate_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["validate", *argv])
+    out, err = io.StringIO(), io.StringIO()
+    ctx = Context(config_path=None, connect=None, debug=False, stdout=out, stderr=err)
+    return args.func(args, ctx), out.getvalue(), err.getvalue()
+
+
+def test_validate_says_ok(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("store_dir: /srv/vmshare\n")
+    rc, out, err = _validate([str(path)])
+    assert (rc, out, err) == (0, f"OK: {path}\n", "")
+
+
+def test_validate_reports_the_key_path(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("auto_enroll:\n  exclude: web*\n")
+    rc, out, err = _validate([str(path)])
+    assert rc == 1 and out == ""
+    assert "auto_enroll.exclude: expected list, got str" in err and str(path) in err
+
+
+def test_validate_json(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("bogus: 1\n")
+    rc, out, _ = _validate(["--json", str(path)])
+    report = json.loads(out)
+    assert rc == 1 and report["valid"] is False and "bogus: unknown key" in report["error"]
