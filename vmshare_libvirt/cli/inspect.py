@@ -1,0 +1,86 @@
+"""vmshare inspect: OS identity, disk layout and file inventory of each target.  Writes nothing."""
+
+from __future__ import annotations
+
+import json
+
+from ._common import add_targets_argument, connector, human_bytes, target_names
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show the OS, disk layout and file inventory of domains or disk images")
+    add_targets_argument(p, allow_all=True)
+    p.add_argument("--manifest", metavar="FILE",
+                   help="also write every file's manifest entry (with digests) as JSON lines to FILE")
+    p.set_defaults(func=run)
+
+
+def run(args, ctx) -> int:
+    from ..guest.inspect import SUPPORTED_FS
+    from ..survey import Survey
+    from ..targets import resolve
+
+    cfg = ctx.load_config()
+    names = target_names(args, ctx, cfg)
+    resolved = resolve(names, connector(ctx, cfg))
+    targets = resolved.targets
+    report = []
+    s = Survey(cfg.appliance, ctx.progress)
+    try:
+        s.open(targets, resolved.formats)
+        s.inspect(targets)
+        manifest_out = open(args.manifest, "w", encoding="utf-8") if args.manifest else None
+        for t in targets:
+            item = {"target": t.name, "disk": t.disk_path, "allocated_bytes": t.allocated_bytes,
+                    "blockers": [{"code": c, "message": m} for c, m in t.blockers]}
+            if t.inspection is not None:
+                item.update(t.inspection.to_json())
+                item.pop("findings", None)
+                filesystems = []
+                for fs in t.inspection.layout.filesystems:
+                    if fs.fstype not in SUPPORTED_FS:
+                        continue
+                    reader = s.reader(t, fs.partition)
+                    man = reader.scan()
+                    if manifest_out:
+                        reader.digest(man)
+                        for e in man:
+                            manifest_out.write(json.dumps({"target": t.name, "partition": fs.partition, **e.to_json()}) + "\n")
+                    kinds = {}
+                    for e in man:
+                        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+                    filesystems.append({"partition": fs.partition, "entries": len(man), "by_kind": kinds,
+                                        "file_bytes": man.file_bytes()})
+                item["inventory"] = filesystems
+            report.append(item)
+        if manifest_out:
+            manifest_out.close()
+    except BaseException:
+        s.abort()
+        raise
+    s.close()
+    if args.json:
+        ctx.emit_json({"targets": report})
+        return 0
+    out = ctx.stdout
+    for item in report:
+        out.write(f"{item['target']}: {item['disk']} ({human_bytes(item['allocated_bytes'])} allocated)\n")
+        os_ = item.get("os")
+        if os_:
+            out.write(f"  os: {os_['product_name']} — {os_['type']}/{os_['distro']} {os_['major']}.{os_['minor']}"
+                      f" {os_['arch']} ({os_['package_format']})\n")
+        lay = item.get("layout")
+        if lay:
+            out.write(f"  disk: {human_bytes(lay['virtual_size'])}, table {lay['table']}, id {lay['disk_id']}\n")
+            for p in lay["partitions"]:
+                fs = next((f for f in lay["filesystems"] if f["partition"] == p["number"]), None)
+                desc = f"{fs['fstype']} uuid={fs['uuid']} label={fs['label']!r} size={human_bytes(fs['size'])}" \
+                       f" mount={fs['mountpoint']}" if fs else "no filesystem"
+                out.write(f"    part {p['number']}: start {p['start']}, size {human_bytes(p['size'])}: {desc}\n")
+        for inv in item.get("inventory", []):
+            kinds = ", ".join(f"{v} {k}" for k, v in sorted(inv["by_kind"].items()))
+            out.write(f"  files on partition {inv['partition']}: {inv['entries']} entries ({kinds}),"
+                      f" {human_bytes(inv['file_bytes'])} in files\n")
+        for b in item["blockers"]:
+            out.write(f"  blocker {b['code']}: {b['message']}\n")
+    return 0

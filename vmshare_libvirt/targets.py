@@ -1,0 +1,101 @@
+"""Turn what the user named (domain names, disk image paths) into plan targets.
+
+A TARGET that names an existing file is a disk image; anything else is a
+libvirt domain name.  Blockers found here are the host-side ones (domain
+state, snapshots, locks, formats); the guest-side ones (hibernation, LVM,
+encryption inside the disk) come from inspection.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from . import qemu_img
+from .errors import ImageError, TargetError
+from .plan import Target
+
+
+@dataclass
+class Resolved:
+    targets: list[Target]
+    formats: dict[str, str]  # target name -> image format
+    domains: dict[str, object]  # target name -> libvirt domain (for domain targets)
+
+
+def _image_target(name: str, path: str) -> tuple[Target, str]:
+    if not os.path.isfile(path):
+        raise TargetError("not a regular file", target=name, hint="give a disk image file or a domain name")
+    fmt = qemu_img.detect_format(path)  # raises ImageError for files that are not disk images
+    info = qemu_img.info(path, fmt, force_share=True)
+    t = Target(name=name, disk_path=os.path.abspath(path), allocated_bytes=info.actual_size or 0)
+    if fmt != "qcow2":
+        t.blockers.append(("raw-disk", f"{path} is a {fmt} image; vmshare rebuilds qcow2 disks only"))
+    if info.has_backing:
+        t.blockers.append(("has-backing", f"{path} already has a backing file ({info.backing_filename})"))
+    if info.snapshots:
+        t.blockers.append(("internal-snapshots", f"{path} holds qcow2 internal snapshots"))
+    if info.bitmaps:
+        t.blockers.append(("bitmaps", f"{path} holds persistent dirty bitmaps"))
+    if info.encrypted:
+        t.blockers.append(("encrypted", f"{path} is encrypted"))
+    if info.data_file:
+        t.blockers.append(("data-file", f"{path} keeps its data in an external file"))
+    return t, fmt
+
+
+def _domain_target(conn, name: str) -> tuple[Target, str, object]:
+    from . import domains, libvirt_conn
+
+    dom = libvirt_conn.lookup(conn, name)
+    disks = domains.os_disks(dom)
+    file_disks = [d for d in disks if d.type == "file" and d.source]
+    if not disks:
+        raise TargetError("the domain has no disk", target=name)
+    disk = file_disks[0] if file_disks else disks[0]
+    path = disk.source or ""
+    fmt = disk.format or "raw"
+    t = Target(name=name, disk_path=path)
+    for b in domains.offline_blockers(conn, dom, [path] if path else None):
+        t.blockers.append((b.code, b.message))
+    if len(disks) > 1:
+        t.blockers.append(("multi-disk", f"domain {name} has {len(disks)} disks; one-disk domains only for now"))
+    if path and os.path.isfile(path):
+        try:
+            info = qemu_img.info(path, fmt if fmt in ("qcow2", "raw") else "raw", force_share=True)
+            t.allocated_bytes = info.actual_size or 0
+            if info.has_backing:
+                t.blockers.append(("has-backing", f"{path} already has a backing file ({info.backing_filename})"))
+        except ImageError as exc:
+            t.blockers.append(("unreadable-image", exc.message))
+    return t, fmt, dom
+
+
+def resolve(names: list[str], connect: Callable[[], object]) -> Resolved:
+    """Resolve each name; ``connect`` opens the libvirt connection on first need."""
+    out = Resolved([], {}, {})
+    conn = None
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        if os.path.exists(name) or os.sep in name:
+            if not os.path.exists(name):
+                raise TargetError("no such file", target=name, hint="check the path")
+            t, fmt = _image_target(name, name)
+        else:
+            if conn is None:
+                conn = connect()
+            t, fmt, dom = _domain_target(conn, name)
+            out.domains[name] = dom
+        out.targets.append(t)
+        out.formats[name] = fmt
+    return out
+
+
+def all_domain_names(conn) -> list[str]:
+    from . import libvirt_conn
+
+    return sorted(d.name() for d in libvirt_conn.list_domains(conn))
