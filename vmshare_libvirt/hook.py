@@ -51,7 +51,7 @@ _VERBS = {
 }
 
 
-def main(argv, stdin, stdout, stderr, store_dir=None) -> int:
+def main(argv: list[str], stdin, stdout, stderr, store_dir: str | os.PathLike[str] | None = None) -> int:
     """Handle one hook call; returns 0, or :data:`REFUSED` to refuse a start.
 
     ``argv`` is the hook's arguments without the program name:
@@ -78,7 +78,7 @@ def main(argv, stdin, stdout, stderr, store_dir=None) -> int:
         return 0
 
 
-def run(argv=None) -> int:
+def run(argv: list[str] | None = None) -> int:
     """Process entry point for the shim; returns the process exit status."""
     import signal
 
@@ -102,7 +102,7 @@ def run(argv=None) -> int:
 
 # ---- prepare: the one place the hook may say no ---------------------------
 
-def check_prepare(store_dir, domain: str, xml: str) -> str | None:
+def check_prepare(store_dir: str | os.PathLike[str], domain: str, xml: str) -> str | None:
     """The reason to refuse starting ``domain``, or None to let it start."""
     if not os.path.exists(statedb.db_path(store_dir)):
         return None
@@ -141,7 +141,7 @@ def _cancellable(row) -> bool:
     return row[3] == "building" and row[5] in statedb.CANCELLABLE_KINDS
 
 
-def _cancel_enrollment(store_dir, domain: str, disks: list[str]):
+def _cancel_enrollment(store_dir: str | os.PathLike[str], domain: str, disks: list[str]) -> list[tuple] | None:
     """Flag enrollments still building on these disks; return the busy rows seen afterwards.
 
     Returns None when the store could not be written in time: the start goes
@@ -239,7 +239,7 @@ def _unescape(text: str) -> str:
 
 # ---- release: remember the stop ----------------------------------------------
 
-def _record_stop(store_dir, domain: str) -> None:
+def _record_stop(store_dir: str | os.PathLike[str], domain: str) -> None:
     if not os.path.exists(statedb.db_path(store_dir)):
         return
     try:
@@ -309,7 +309,7 @@ def _scan_store_dir(text: str) -> str | None:
     return found
 
 
-def _drain(stdin) -> str:
+def _drain(stdin) -> str:  # a text or binary stream, or None
     """Read the domain XML (libvirt writes it whatever the operation)."""
     if stdin is None:
         return ""
@@ -329,7 +329,7 @@ def _log(message: str) -> None:
         pass
 
 
-def _warn(stderr, message: str) -> None:
+def _warn(stderr, message: str) -> None:  # stderr: a text stream
     _log(message)
     try:
         stderr.write(f"vmshare: {message}\n")
