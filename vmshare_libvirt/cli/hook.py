@@ -24,14 +24,14 @@ SHIM_TEMPLATE = """\
 #
 # libvirt runs it as: 50-vmshare <domain> <operation> <sub-operation> <extra>,
 # with the domain XML on stdin.  The Python side refuses a domain start with
-# status 77; only that becomes a failure for libvirt.  Anything else (vmshare
-# uninstalled, a Python error, a crash) lets libvirt go on: a broken vmshare
-# must never keep guests from starting, and a failed 'reconnect' would kill
-# a running guest.
+# status 77; only that, and only at 'prepare', becomes a failure for libvirt.
+# Anything else (vmshare uninstalled, a Python error, a crash) lets libvirt go
+# on: a broken vmshare must never keep guests from starting, and a failed
+# 'reconnect' would kill a running guest.
 VMSHARE_PYTHON={python}
 [ -x "$VMSHARE_PYTHON" ] || exit 0
 "$VMSHARE_PYTHON" -I -m vmshare_libvirt.hook "$@"
-[ "$?" -eq 77 ] && exit 1
+[ "$?" -eq 77 ] && [ "$2" = prepare ] && exit 1
 exit 0
 """
 
