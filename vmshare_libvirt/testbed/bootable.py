@@ -1,0 +1,121 @@
+"""A tiny guest that really boots: proves a disk (or a rebuilt overlay) still starts.
+
+Layout: MBR (syslinux ``mbr.bin``), one bootable ext4 partition from sector
+2048 holding the host's kernel and initramfs-tools initrd in ``/boot``,
+``extlinux``, a static busybox and an ``/sbin/init`` script that prints
+:data:`BOOT_MARKER` on the serial console (``ttyS0``) and powers off.  The
+host initrd (``MODULES=most``) finds the root filesystem by UUID, so the
+marker appears only if boot loader, kernel, initrd *and* the root
+filesystem all work.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import close_appliance, create_qcow2, open_appliance, partition_and_format
+from .synthetic import Entry, directory, file, symlink, write_tar
+
+log = logging.getLogger(__name__)
+
+BOOT_MARKER = "VMSHARE-BOOT-OK"
+MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+BUSYBOX = Path("/bin/busybox")
+
+# The marker is split in the script so that only running it (not printing the
+# file, e.g. by a failing fsck) can put the whole string on the console.
+INIT_SCRIPT = f"""#!/bin/busybox sh
+/bin/busybox mount -t proc proc /proc 2>/dev/null
+echo "{BOOT_MARKER[:8]}""{BOOT_MARKER[8:]}" > /dev/ttyS0
+echo "{BOOT_MARKER[:8]}""{BOOT_MARKER[8:]}" > /dev/console
+/bin/busybox sync
+/bin/busybox poweroff -f
+"""
+
+
+def host_kernel() -> tuple[Path, Path]:
+    """The newest host kernel and its initrd from /boot."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    for kernel in reversed(kernels):
+        initrd = kernel.with_name("initrd.img-" + kernel.name[len("vmlinuz-"):])
+        if initrd.exists():
+            return kernel, initrd
+    raise FileNotFoundError("no /boot/vmlinuz-* with a matching initrd.img-* (install linux-image-amd64)")
+
+
+def _tree(hostname: str) -> list[Entry]:
+    entries: list[Entry] = [directory(d) for d in ("boot", "dev", "proc", "sys", "etc", "usr", "usr/bin", "usr/sbin", "run")]
+    entries += [symlink("bin", "usr/bin"), symlink("sbin", "usr/sbin"), directory("tmp", mode=0o1777)]
+    entries.append(file("usr/bin/busybox", BUSYBOX.read_bytes(), mode=0o755))
+    entries.append(file("usr/sbin/init", INIT_SCRIPT, mode=0o755))
+    entries.append(file("etc/hostname", hostname + "\n"))
+    return entries
+
+
+def _extlinux_conf(uuid: str) -> str:
+    return "\n".join([
+        "DEFAULT vmshare",
+        "PROMPT 0",
+        "TIMEOUT 1",
+        "LABEL vmshare",
+        "  LINUX /boot/vmlinuz",
+        "  INITRD /boot/initrd.img",
+        f"  APPEND root=UUID={uuid} ro console=ttyS0,115200 panic=5 loglevel=4",
+        "",
+    ])
+
+
+def build(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
+    """Build the bootable qcow2 at ``out_path`` (one appliance launch, ~20 s)."""
+    started = time.monotonic()
+    out_path = create_qcow2(out_path, size_mb)
+    kernel, initrd = host_kernel()
+    work = Path(tempfile.mkdtemp(prefix="vmshare-boot-"))
+    try:
+        tar = write_tar(_tree(hostname), work / "tree.tar")
+        g = open_appliance([out_path])
+        try:
+            device = g.list_devices()[0]
+            partition = partition_and_format(g, device, table="mbr", fs="ext4")
+            g.part_set_bootable(device, 1, True)
+            g.mount(partition, "/")
+            g.tar_in(str(tar), "/")
+            g.upload(str(kernel), "/boot/vmlinuz")
+            g.upload(str(initrd), "/boot/initrd.img")
+            uuid = g.vfs_uuid(partition)
+            g.write("/etc/fstab", f"UUID={uuid} / ext4 ro 0 1\n")
+            g.write("/boot/extlinux.conf", _extlinux_conf(uuid))
+            g.extlinux("/boot")
+            g.umount_all()
+            # mbr.bin is 440 bytes: it stops before the disk signature and partition table.
+            g.upload(str(MBR_BIN), device)
+        finally:
+            close_appliance(g)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("built bootable disk %s in %.1f s", out_path, time.monotonic() - started)
+    return out_path
+
+
+def boot_and_wait(conn, name: str, disk: Path, serial_log: Path, timeout: float = 300, memory_mb: int = 768) -> str:
+    """Define ``name`` on ``disk``, start it, wait until it is off, undefine it; return the log.
+
+    ``conn`` is an open libvirt connection.  The host initrd unpacks to well
+    over 100 MB, hence the memory default (256 MB panics out of memory).  The domain is destroyed and
+    undefined whatever happens.
+    """
+    from . import libvirt_xml
+
+    if serial_log.exists():
+        serial_log.unlink()
+    dom = libvirt_xml.define(conn, libvirt_xml.domain_xml(name, disk, memory_mb=memory_mb, serial_log=serial_log))
+    try:
+        dom.create()
+        libvirt_xml.wait_shutoff(dom, timeout)
+    finally:
+        libvirt_xml.undefine(conn, name)
+    return serial_log.read_text(errors="replace") if serial_log.exists() else ""
