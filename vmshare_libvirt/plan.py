@@ -110,7 +110,8 @@ class Plan:
     excluded: list[Exclusion]
     targets: list[Target]
 
-    def to_json(self) -> dict:
+    def to_json(self, *, details: bool = False) -> dict:
+        """The plan as JSON data; ``details`` adds each member's private and metadata-only paths."""
         groups = []
         predicted_total = 0
         current_total = 0
@@ -132,6 +133,10 @@ class Plan:
                     "allocated_bytes": t.allocated_bytes,
                     "predicted_overlay_bytes": overlay,
                 })
+                if details:
+                    delta = gp.deltas[t.name]
+                    members_detail[-1]["private_paths"] = _path_list(delta.private)
+                    members_detail[-1]["metadata_only_paths"] = _path_list(delta.metadata)
             groups.append({
                 "members": [t.name for t in gp.members],
                 "os": {"type": gp.os.type, "distro": gp.os.distro, "major": gp.os.major, "minor": gp.os.minor,
@@ -152,6 +157,15 @@ class Plan:
             "predicted_saving_bytes": current_total - predicted_total,
             "excluded": [{"target": e.target, "reason": e.reason, "code": e.code} for e in self.excluded],
         }
+
+
+def _path_list(per_fs: dict[int, list[bytes]]) -> list[str]:
+    """Paths of every filesystem, as text (non-UTF-8 bytes as surrogate escapes).
+
+    Partition numbers are not part of the path: the shared filesystems of a
+    group are usually just the root one.
+    """
+    return sorted(p.decode("utf-8", "surrogateescape") for paths in per_fs.values() for p in paths)
 
 
 # -- grouping -------------------------------------------------------------------------------

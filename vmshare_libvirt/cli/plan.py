@@ -8,6 +8,8 @@ from ._common import add_targets_argument, connector, human_bytes, target_names
 def register(sub) -> None:
     p = sub.add_parser("plan", help="group targets by OS and predict the space a shared base saves (read-only)")
     add_targets_argument(p)
+    p.add_argument("--details", action="store_true",
+                   help="with --json: list each member's private and metadata-only paths")
     p.set_defaults(func=run)
 
 
@@ -19,7 +21,7 @@ def run(args, ctx) -> int:
     names = target_names(args, ctx, cfg)
     resolved = resolve(names, connector(ctx, cfg))
     result = survey(resolved.targets, resolved.formats, cfg.appliance, ctx.progress)
-    data = result.to_json()
+    data = result.to_json(details=args.details)
     if args.json:
         ctx.emit_json(data)
         return 0
