@@ -47,14 +47,18 @@ class FsCommon:
     paths: set[bytes]
     # the metadata the base carries for each common entry (the most frequent among members)
     base_entries: dict[bytes, Entry]
+    # common paths that are further names of an already counted hard-linked file
+    extra_links: set[bytes] = field(default_factory=set)
 
     @property
     def files(self) -> int:
+        """Common regular-file paths (every name of a hard-linked file counts)."""
         return sum(1 for e in self.base_entries.values() if e.kind == "f")
 
     @property
     def bytes(self) -> int:
-        return sum(e.allocated for e in self.base_entries.values() if e.kind == "f")
+        """Allocated bytes of the common files, each hard-linked file counted once."""
+        return sum(e.allocated for p, e in self.base_entries.items() if e.kind == "f" and p not in self.extra_links)
 
 
 @dataclass
@@ -83,10 +87,15 @@ class GroupPlan:
         files = nbytes = 0
         for part, paths in delta.private.items():
             man = target.manifests[part]
+            counted: set[int] = set()  # inodes of hard-linked files already counted
             for p in paths:
                 e = man.entries[p]
                 if e.kind == "f":
                     files += 1
+                    if e.nlink > 1:
+                        if e.ino in counted:
+                            continue
+                        counted.add(e.ino)
                     nbytes += e.allocated
         return files, nbytes
 
@@ -241,7 +250,8 @@ def group_targets(targets: list[Target]) -> tuple[list[list[Target]], list[Exclu
             reason = layout_problem(t.inspection.layout, other.inspection.layout) or "disk layout differs"
             excluded.append(Exclusion(t.name, f"different disk layout from {other.name}: {reason}", "different-layout"))
         else:
-            excluded.append(Exclusion(t.name, f"no other target runs {t.inspection.os.label()}", "different-os"))
+            excluded.append(Exclusion(t.name, f"different OS: no other target runs {t.inspection.os.label()}",
+                                      "different-os"))
     return groups, excluded
 
 
@@ -318,7 +328,11 @@ def common_set(manifests: list[Manifest]) -> FsCommon:
         counts = Counter(v.metadata_key() for v in variants)
         best = counts.most_common(1)[0][0]
         base_entries[path] = next(v for v in variants if v.metadata_key() == best)
-    return FsCommon(partition=-1, paths=common, base_entries=base_entries)
+    extra_links = set()
+    for paths in first.hardlink_groups().values():
+        if paths[0] in common:
+            extra_links.update(paths[1:])
+    return FsCommon(partition=-1, paths=common, base_entries=base_entries, extra_links=extra_links)
 
 
 def member_delta(manifests: dict[int, Manifest], common: dict[int, FsCommon]) -> MemberDelta:
