@@ -1,0 +1,173 @@
+"""Shared fixtures: testbed cache, a session set of synthetic guest disks, libvirtd.
+
+Fixtures that start libguestfs build everything in as few appliance launches
+as possible (each costs ~10 s under TCG).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vmshare_libvirt import testbed
+from vmshare_libvirt.testbed import synthetic as syn
+
+LIBVIRT_URI = "qemu:///system"
+
+
+def pytest_configure(config):
+    # The appliance crashes under nested KVM; scripts/test.sh sets these too.
+    os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
+    os.environ.setdefault("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg")
+
+
+@pytest.fixture(scope="session")
+def testbed_cache() -> Path:
+    """Cache of debootstrap tarballs and packages, shared with the demo across runs."""
+    return testbed.cache_dir()
+
+
+# ---------------------------------------------------------------- synthetic disks
+
+#: Planted in debian_a's private file only: must never show up in a base.
+PRIVATE_MARKER = b"VMSHARE-PLANTED-MARKER-4f1c9a7e2b"
+
+
+def common_entries() -> list[syn.Entry]:
+    """Entries both Debian-like disks hold identically (on top of the skeleton)."""
+    big = bytes(range(256)) * 256  # 64 KiB, several blocks
+    return [
+        syn.directory("usr/share/vmshare-common"),
+        syn.file("usr/share/vmshare-common/data.bin", big),
+        syn.file("usr/share/vmshare-common/readme.txt", "same in every member\n", uid=0, gid=0),
+        syn.file("usr/share/vmshare-common/owned", "owned by 1000:1000\n", mode=0o640, uid=1000, gid=1000),
+        syn.file("usr/share/vmshare-common/setuid", "#!/bin/sh\n", mode=0o4755),
+        syn.hardlink("usr/share/vmshare-common/data.link", "usr/share/vmshare-common/data.bin"),
+        syn.symlink("usr/share/vmshare-common/abs-link", "/etc/shadow"),
+        syn.symlink("usr/share/vmshare-common/rel-link", "readme.txt"),
+        syn.file("usr/share/vmshare-common/xattr", "with xattrs\n", xattrs={"user.vmshare": b"common", "trusted.vmshare": b"t"}),
+        syn.file("usr/share/vmshare-common/cap", "\x7fELF-ish\n", mode=0o755,
+                 xattrs={"security.capability": bytes.fromhex("0100000200200000000000000000000000000000")}),
+        syn.file("usr/share/vmshare-common/new\nline", "newline in name\n"),
+        syn.file(b"usr/share/vmshare-common/latin1-\xe9t\xe9", "non-UTF-8 name\n"),
+        syn.file("usr/share/vmshare-common/-leading-dash", "dash\n"),
+        syn.file("usr/share/vmshare-common/empty", b""),
+        syn.Entry("usr/share/vmshare-common/null", "char", mode=0o666, major=1, minor=3),
+        syn.Entry("usr/share/vmshare-common/sda", "block", mode=0o660, major=8, minor=0, gid=6),
+        syn.Entry("usr/share/vmshare-common/fifo", "fifo", mode=0o600),
+    ]
+
+
+def private_entries_a() -> list[syn.Entry]:
+    return [
+        syn.directory("home/alice", mode=0o700, uid=1000, gid=1000),
+        syn.file("home/alice/secret.txt", b"alice's notes: " + PRIVATE_MARKER + b"\n", mode=0o600, uid=1000, gid=1000),
+        syn.file("etc/motd", "Welcome to A\n"),
+        syn.file("var/lib/install-stamp", "installed\n", mtime=1_700_000_111),
+    ]
+
+
+def private_entries_b() -> list[syn.Entry]:
+    return [
+        syn.directory("srv/b-only"),
+        syn.file("srv/b-only/data.txt", "only on B\n" * 100),
+        syn.file("etc/motd", "Welcome to B\n"),
+        syn.file("var/lib/install-stamp", "installed\n", mtime=1_700_000_222),
+    ]
+
+
+@dataclass
+class SyntheticSet:
+    """Three small disks: two Debian-12-like sharing most files, one Fedora-like.
+
+    ``specs`` maps ``debian_a``/``debian_b``/``fedora`` to the spec each was
+    built from (:func:`vmshare_libvirt.testbed.synthetic.tree_for` gives the
+    exact expected tree).  Files that differ between A and B: ``/etc/hostname``,
+    ``/etc/fstab`` (UUID), ``/etc/motd`` (content), ``/var/lib/install-stamp``
+    (mtime only), A's ``/home/alice`` (holds :data:`marker`), B's ``/srv/b-only``.
+    B uses a GPT partition table, the others MBR.
+    """
+
+    directory: Path
+    specs: dict[str, syn.SyntheticDisk] = field(default_factory=dict)
+    marker: bytes = PRIVATE_MARKER
+    build_seconds: float = 0.0
+
+    @property
+    def debian_a(self) -> Path:
+        return Path(self.specs["debian_a"].path)
+
+    @property
+    def debian_b(self) -> Path:
+        return Path(self.specs["debian_b"].path)
+
+    @property
+    def fedora(self) -> Path:
+        return Path(self.specs["fedora"].path)
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(s.path) for s in self.specs.values()]
+
+
+@pytest.fixture(scope="session")
+def synthetic_disks(tmp_path_factory) -> SyntheticSet:
+    """Built once per session in ONE appliance launch (~20 s).  Treat the images as read-only."""
+    directory = tmp_path_factory.mktemp("synthetic")
+    specs = {
+        "debian_a": syn.SyntheticDisk(directory / "debian-a.qcow2", "debian12", size_mb=64,
+                                      extra=common_entries() + private_entries_a(), hostname="debian-a"),
+        "debian_b": syn.SyntheticDisk(directory / "debian-b.qcow2", "debian12", size_mb=80, table="gpt",
+                                      extra=common_entries() + private_entries_b(), hostname="debian-b"),
+        "fedora": syn.SyntheticDisk(directory / "fedora.qcow2", "fedora", size_mb=64, hostname="fedora"),
+    }
+    started = time.monotonic()
+    syn.build(list(specs.values()))
+    return SyntheticSet(directory, specs, build_seconds=time.monotonic() - started)
+
+
+# ---------------------------------------------------------------- libvirtd
+
+
+def _libvirtd_answers() -> bool:
+    try:
+        probe = subprocess.run(["virsh", "-c", LIBVIRT_URI, "version"], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> str:
+    """Make sure libvirtd (and virtlogd) run and answer; returns the URI.  Never skips."""
+    if not _libvirtd_answers():
+        for daemon in ("virtlogd", "libvirtd"):
+            if not _running(daemon):
+                result = subprocess.run([daemon, "-d"], capture_output=True, text=True)
+                if result.returncode != 0:
+                    pytest.fail(f"cannot start {daemon}: {result.stderr.strip()} (run scripts/setup.sh as root)")
+        deadline = time.monotonic() + 30
+        while not _libvirtd_answers():
+            if time.monotonic() > deadline:
+                pytest.fail(f"libvirtd does not answer on {LIBVIRT_URI} after 30 s (run scripts/setup.sh as root)")
+            time.sleep(0.5)
+    return LIBVIRT_URI
+
+
+@pytest.fixture(scope="session")
+def libvirt_conn(libvirtd):
+    """An open libvirt connection to the running daemon."""
+    from vmshare_libvirt.testbed import libvirt_xml
+
+    conn = libvirt_xml.open_connection(libvirtd)
+    yield conn
+    conn.close()
