@@ -45,3 +45,18 @@ def target_names(args, ctx, cfg) -> list[str]:
     if not names:
         raise TargetError("no targets given", hint="name domains or disk images, or use --all")
     return names
+
+
+def open_store_for_writing(ctx, cfg):
+    """The store, with the operation lock held by the caller; interrupted operations recovered first."""
+    from ..store import open_store
+
+    return open_store(cfg.store_dir, create=True)
+
+
+def recover_first(ctx, store, conn) -> None:
+    """Every command that writes starts by finishing or undoing an interrupted operation."""
+    from ..engine.recover import recover
+
+    for op_id, kind, state in recover(store, conn):
+        ctx.stderr.write(f"vmshare: recovered interrupted {kind} operation {op_id}: {state}\n")

@@ -164,9 +164,20 @@ class FilesystemReader:
                     xattrs = _split_xattrlist(g.lxattrlist(where, strs), len(strs))
                 except RuntimeError as exc:
                     raise guestfs_error(exc, f"cannot read metadata in /{dirpath.decode()}", self.name) from exc
-                for child, st, xa in zip(batch, stats, xattrs):
+                links = [i for i, st in enumerate(stats) if stat.S_ISLNK(st["st_mode"])]
+                targets = {}
+                if links:
+                    try:
+                        got = g.readlinklist(where, [strs[i] for i in links])
+                    except RuntimeError as exc:
+                        raise guestfs_error(exc, f"cannot read symlinks in /{dirpath.decode()}", self.name) from exc
+                    targets = {links[k]: t.encode("utf-8", "surrogateescape") for k, t in enumerate(got)}
+                for i, (child, st, xa) in enumerate(zip(batch, stats, xattrs)):
                     path = join(dirpath, child)
-                    manifest.entries[path] = _entry_from_stat(path, st, xa)
+                    entry = _entry_from_stat(path, st, xa)
+                    if entry.kind == "l":
+                        entry.target = targets[i]
+                    manifest.entries[path] = entry
         for parent, odd in odd_tops.items():
             self._scan_through_tar(parent, odd, manifest)
         return manifest

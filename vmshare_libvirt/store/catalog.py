@@ -57,6 +57,13 @@ class CatalogMixin(StoreBase):
             gen_id = int(cur.lastrowid)
         return Generation(gen_id, group_name, str(path), None, None, dict(layout or {}), "building", now)
 
+    def set_generation_path(self, gen_id: int, path: str) -> None:
+        """Name the final file of a generation still being built (its name carries its id)."""
+        with self._write() as conn:
+            cur = conn.execute("UPDATE generations SET path = ? WHERE id = ? AND state = 'building'", (str(path), gen_id))
+            if cur.rowcount != 1:
+                raise StoreError(f"generation {gen_id} is not being built")
+
     def publish_generation(self, gen_id: int, fingerprint: dict[str, int], full_digest: str) -> None:
         """Mark a built generation published with its quick fingerprint and sha256."""
         with self._write() as conn:

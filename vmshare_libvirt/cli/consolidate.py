@@ -1,0 +1,61 @@
+"""vmshare consolidate: turn offline domains of one OS into a shared base plus thin overlays."""
+
+from __future__ import annotations
+
+from ._common import connector, human_bytes, open_store_for_writing, recover_first
+
+
+def register(sub) -> None:
+    p = sub.add_parser("consolidate", help="move the common files of offline domains into one shared read-only base")
+    p.add_argument("domains", nargs="+", metavar="DOMAIN")
+    p.add_argument("--group", metavar="NAME", help="group name (default: <distro><major>-<arch>)")
+    p.add_argument("--dry-run", action="store_true", help="print the steps and predicted sizes; change nothing")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args, ctx) -> int:
+    from ..engine.consolidate import Consolidation
+
+    cfg = ctx.load_config()
+    conn = connector(ctx, cfg)()
+    store = open_store_for_writing(ctx, cfg)
+    try:
+        with store.lock(wait=False, kind="consolidate"):
+            recover_first(ctx, store, conn)
+            outcome = Consolidation(cfg, conn, store, ctx.progress).run(args.domains, args.group, args.dry_run)
+    finally:
+        store.close()
+    data = {
+        "group": outcome.group,
+        "dry_run": args.dry_run,
+        "generation": outcome.generation_id,
+        "base": outcome.base_path,
+        "switched": outcome.switched,
+        "already_members": outcome.already,
+        "skipped": [{"domain": d, "reason": r} for d, r in outcome.skipped],
+        "steps": outcome.dry_run_steps,
+        "plan": outcome.plan_json,
+    }
+    if args.json:
+        ctx.emit_json(data)
+        return 0 if not outcome.skipped else 3
+    out = ctx.stdout
+    if args.dry_run:
+        out.write(f"Dry run for group {outcome.group}; nothing was changed. Steps:\n")
+        for i, step in enumerate(outcome.dry_run_steps, 1):
+            out.write(f"  {i}. {step}\n")
+        g = (outcome.plan_json or {}).get("groups", [{}])[0]
+        if g:
+            out.write(f"Predicted: {human_bytes(g['current_bytes'])} now -> {human_bytes(g['predicted_bytes'])}\n")
+        return 0
+    if not outcome.switched and outcome.already:
+        out.write(f"Nothing to do: {', '.join(outcome.already)} already belong to group {outcome.group}.\n")
+        return 0
+    out.write(f"Group {outcome.group}: base {outcome.base_path}\n")
+    for d in outcome.switched:
+        out.write(f"  {d}: now an overlay on the base (original kept until 'vmshare commit')\n")
+    for d, r in outcome.skipped:
+        out.write(f"  {d}: left unchanged: {r}\n")
+    out.write("Check with 'vmshare status'; undo with 'vmshare rollback DOMAIN'.\n")
+    return 0 if not outcome.skipped else 3

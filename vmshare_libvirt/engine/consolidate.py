@@ -1,0 +1,372 @@
+"""Consolidate offline domains into one shared base and per-guest overlays (the patent's method 100).
+
+Steps, each journaled before it acts (DESIGN.md 3.6):
+
+1. ``create-base-file``  an empty qcow2 in the store, sized for the smallest member
+2. ``build-base``        appliance 1: survey the originals (read-only), plan, write the common set
+3. ``publish-base``      convert to a compact final file (flushed), fsync, rename, 0444, fingerprint
+4. ``create-overlay``    per member, ``<disk>.vmshare-new`` on the base (absolute path, format recorded)
+5. ``build-overlays``    appliance 2: raw areas, grown filesystem, private entries, verification
+6. ``switch``            per member, under the lock and after re-checking it is offline:
+                         link original to ``<disk>.vmshare-orig``, rename the overlay over the disk path
+
+A crash anywhere is undone by :func:`..engine.recover.recover`: the original
+disks are only ever renamed, never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import fingerprint, qemu_img
+from ..config import Config
+from ..errors import BlockedError, OperationError, VmshareError
+from ..guest.entries import Manifest
+from ..guest.inspect import SUPPORTED_FS
+from ..plan import GroupPlan, Target
+from ..survey import Survey
+from . import build
+from .files import (check_free_space, copy_ownership, crashpoint, durable_link, durable_rename, file_identity,
+                    fsync_dir, fsync_file, remove_quietly)
+
+log = logging.getLogger(__name__)
+
+NEW_SUFFIX = ".vmshare-new"
+ORIG_SUFFIX = ".vmshare-orig"
+# Small clusters keep the copy-up cost of metadata changes in overlays small (measured: see bench/).
+OVERLAY_CLUSTER_SIZE = 4096
+# Host-side blockers that consolidation fixes itself instead of refusing.
+FIXABLE = ("empty-backingstore",)
+
+
+@dataclass
+class MemberSpec:
+    domain: str
+    disk: str
+    fmt: str
+    identity: dict[str, int]
+    allocated: int
+
+
+@dataclass
+class Outcome:
+    group: str
+    generation_id: int | None = None
+    base_path: str | None = None
+    switched: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (domain, reason)
+    already: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    dry_run_steps: list[str] = field(default_factory=list)
+    plan_json: dict | None = None
+
+
+def default_group_name(target: Target) -> str:
+    os_ = target.inspection.os
+    return f"{os_.distro}{os_.major}-{os_.arch}"
+
+
+def base_dir(cfg: Config, group: str) -> str:
+    return os.path.join(str(cfg.store_dir), "bases", group)
+
+
+class Consolidation:
+    def __init__(self, cfg: Config, conn, store, progress: Callable[[str], None]):
+        self.cfg = cfg
+        self.conn = conn
+        self.store = store
+        self.progress = progress
+        self.op_id: int | None = None
+
+    # -- journal helpers ------------------------------------------------------------------
+
+    def _intent(self, name: str, data: dict) -> int:
+        seq = self.store.step_intent(self.op_id, name, data)
+        crashpoint(f"{name}:intent")
+        return seq
+
+    def _done(self, seq: int, name: str, data: dict | None = None) -> None:
+        self.store.step_done(self.op_id, seq, data)
+        crashpoint(f"{name}:done")
+
+    # -- the operation --------------------------------------------------------------------
+
+    def run(self, domains: list[str], group: str | None, dry_run: bool) -> Outcome:
+        from .. import domains as dommod
+        from ..targets import resolve
+
+        outcome = Outcome(group=group or "")
+        resolved = resolve(domains, lambda: self.conn)
+        members: list[Target] = []
+        for t in resolved.targets:
+            existing = self.store.get_member(t.disk_path)
+            if existing is not None:
+                if group and existing.group_name != group:
+                    raise BlockedError(f"already a member of group {existing.group_name}", target=t.name)
+                outcome.already.append(t.name)
+                outcome.group = existing.group_name
+                continue
+            hard = [(c, m) for c, m in t.blockers if c not in FIXABLE]
+            if hard:
+                raise BlockedError("; ".join(m for _, m in hard), target=t.name,
+                                   hint="shut the domain down (and resolve the other reasons), then run again; nothing was changed")
+            members.append(t)
+        if not members:
+            return outcome  # every domain is already consolidated: nothing to do
+        if outcome.already:
+            raise BlockedError(f"{', '.join(outcome.already)} already belong to group {outcome.group}",
+                               hint="add new domains to an existing group with 'vmshare enroll'")
+        if len(members) < 2:
+            raise BlockedError("consolidation needs at least two domains", target=members[0].name)
+        formats = resolved.formats
+        specs = {t.name: MemberSpec(t.name, t.disk_path, formats[t.name], file_identity(t.disk_path), t.allocated_bytes)
+                 for t in members}
+        vsizes = {t.name: qemu_img.info(t.disk_path, formats[t.name], force_share=True).virtual_size for t in members}
+        min_size = min(vsizes.values())
+
+        if dry_run:
+            return self._dry_run(members, formats, group, min_size, outcome)
+
+        check_free_space(str(self.cfg.store_dir), sum(t.allocated_bytes for t in members), "the base")
+        self.op_id = self.store.begin_operation("consolidate", {
+            "domains": [t.name for t in members], "disks": [t.disk_path for t in members], "group": group})
+        for t in members:
+            self.store.mark_busy(t.name, t.disk_path, self.op_id, "building")
+        try:
+            return self._run(members, formats, group, specs, vsizes, min_size, outcome)
+        except BaseException as exc:
+            from .recover import rollback_operation
+
+            log.debug("consolidation failed: %s", exc)
+            if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
+                raise
+            rollback_operation(self.store, self.op_id, self.conn, reason=str(exc))
+            if isinstance(exc, VmshareError):
+                exc.hint = (exc.hint + "; " if exc.hint else "") + "every original disk is untouched and temporary files were removed"
+                raise
+            lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+            raise OperationError(f"consolidation failed: {lines[-1] if lines else type(exc).__name__}",
+                                 hint="every original disk is untouched and temporary files were removed") from exc
+
+    def _dry_run(self, members, formats, group, min_size, outcome: Outcome) -> Outcome:
+        from ..survey import survey
+
+        plan = survey(members, formats, self.cfg.appliance, self.progress)
+        outcome.plan_json = plan.to_json()
+        if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
+            raise BlockedError("these domains cannot share one base: "
+                               + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
+        gp = plan.groups[0]
+        name = group or default_group_name(gp.members[0])
+        outcome.group = name
+        bdir = base_dir(self.cfg, name)
+        outcome.dry_run_steps = [
+            f"create {bdir}/gen-N.qcow2.building ({min_size} bytes virtual, laid out like {gp.base_layout_of})",
+            f"write the common set into it: {outcome.plan_json['groups'][0]['common_files']} files, "
+            f"{outcome.plan_json['groups'][0]['common_bytes']} bytes",
+            f"publish it as {bdir}/gen-N.qcow2 (mode 0444, fingerprinted)",
+        ] + [f"rebuild {t.name} ({t.disk_path}) as an overlay on it; keep the original as {t.disk_path}{ORIG_SUFFIX}"
+             for t in gp.members]
+        return outcome
+
+    def _run(self, members, formats, group, specs, vsizes, min_size, outcome: Outcome) -> Outcome:
+        from .. import domains as dommod
+
+        started = time.monotonic()
+        provisional = group or "pending"
+        gen = None
+        # 1. the base file, created before the appliance starts (disks cannot be added later)
+        tmpdir_root = str(self.cfg.store_dir)
+        os.makedirs(os.path.join(tmpdir_root, "bases"), mode=0o755, exist_ok=True)
+        build_path = os.path.join(tmpdir_root, "bases", f".build-op{self.op_id}.qcow2")
+        seq = self._intent("create-base-file", {"path": build_path})
+        qemu_img.create(build_path, "qcow2", min_size)
+        self._done(seq, "create-base-file")
+
+        # 2. appliance 1: survey, plan, build the base filesystem
+        survey = Survey(self.cfg.appliance, self.progress)
+        seq = self._intent("build-base", {"path": build_path})
+        try:
+            session = survey.open(members, formats, extra_rw=[(build_path, "qcow2")])
+            base_dev = session.disks[-1].device
+            plan = survey.run(members)
+            outcome.plan_json = plan.to_json()
+            if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
+                raise BlockedError("these domains cannot share one base: "
+                                   + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
+            gp = plan.groups[0]
+            name = group or default_group_name(gp.members[0])
+            if self.store.get_group(name) is not None and self.store.members(group_name=name):
+                raise BlockedError(f"group {name} already exists", hint="use 'vmshare enroll' or another --group name")
+            outcome.group = name
+            base_t = next(t for t in gp.members if t.name == gp.base_layout_of)
+            base_layout = base_t.inspection.layout
+            self.progress(f"building the base of group {name} ({len(gp.members)} members)")
+            build.make_base_layout(session.g, base_dev, base_layout)
+            base_uuids = {}
+            with tempfile.TemporaryDirectory(prefix="vmshare-build-", dir=tmpdir_root) as work:
+                for part, fc in gp.common.items():
+                    fs = base_layout.filesystem(part)
+                    uuid = Counter(t.inspection.layout.filesystem(part).uuid for t in gp.members).most_common(1)[0][0]
+                    base_uuids[part] = uuid
+                    dev = build.part_device(base_dev, part)
+                    build.make_base_filesystem(session.g, dev, fs, uuid)
+                    donor = gp.members[0]
+                    build.fill_base(session, dev, fc, survey.reader(donor, part), donor.manifests[part], work)
+                    session.g.e2fsck_f(dev)
+            survey.close()
+        except BaseException:
+            survey.abort()
+            raise
+        outcome.timings["survey_and_base"] = time.monotonic() - started
+        self._done(seq, "build-base", {"group": name})
+
+        # 3. publish: compact, flushed copy; durable rename; read-only; fingerprint
+        bdir = base_dir(self.cfg, name)
+        os.makedirs(bdir, mode=0o755, exist_ok=True)
+        if self.store.get_group(name) is None:
+            self.store.add_group(name, outcome.plan_json["groups"][0]["os"])
+        gen = self.store.add_generation(name, os.path.join(bdir, "pending"), layout={
+            "from": gp.base_layout_of, "virtual_size": min_size,
+            "filesystems": {str(p): {"uuid": u} for p, u in base_uuids.items()}})
+        final = os.path.join(bdir, f"gen-{gen.id}.qcow2")
+        tmp = final + ".tmp"
+        self.store.set_generation_path(gen.id, final)
+        seq = self._intent("publish-base", {"generation": gen.id, "path": final, "tmp": tmp, "build": build_path})
+        self.progress(f"publishing base {final}")
+        qemu_img.convert(build_path, "qcow2", tmp, "qcow2", cache="writeback")
+        fsync_file(tmp)
+        os.chmod(tmp, fingerprint.BASE_MODE)
+        durable_rename(tmp, final)
+        remove_quietly(build_path)
+        self.store.publish_generation(gen.id, fingerprint.quick(final), fingerprint.full(final))
+        self._done(seq, "publish-base")
+        outcome.generation_id = gen.id
+        outcome.base_path = final
+
+        # 4. overlays
+        new_paths = {}
+        for t in gp.members:
+            new = t.disk_path + NEW_SUFFIX
+            seq = self._intent("create-overlay", {"path": new, "disk": t.disk_path})
+            qemu_img.create(new, "qcow2", vsizes[t.name], backing=final, backing_fmt="qcow2",
+                            cluster_size=OVERLAY_CLUSTER_SIZE)
+            self._done(seq, "create-overlay")
+            new_paths[t.name] = new
+
+        # 5. appliance 2: rebuild every member's view on the base and verify it
+        started = time.monotonic()
+        seq = self._intent("build-overlays", {"paths": list(new_paths.values())})
+        self._build_overlays(gp, formats, new_paths, base_layout, base_uuids)
+        for t in gp.members:
+            new = new_paths[t.name]
+            qemu_img.check(new, "qcow2").raise_for_problems()
+            info = qemu_img.info(new, "qcow2")
+            if info.full_backing_filename != final or info.backing_format != "qcow2" or not os.path.isabs(info.backing_filename or ""):
+                raise OperationError(f"overlay {new} does not record the base by absolute path and format")
+            fsync_file(new)
+        self._done(seq, "build-overlays")
+        outcome.timings["overlays"] = time.monotonic() - started
+
+        # 6. switch, one member at a time, each re-checked under the lock
+        for t in gp.members:
+            reason = self._switch(t, specs[t.name], new_paths[t.name], name, gen.id)
+            if reason:
+                outcome.skipped.append((t.name, reason))
+            else:
+                outcome.switched.append(t.name)
+        if not outcome.switched:
+            raise BlockedError("no member could be switched: " + "; ".join(f"{d}: {r}" for d, r in outcome.skipped))
+        self.store.finish_operation(self.op_id, "done")
+        self.store.clear_busy(self.op_id)
+        return outcome
+
+    def _build_overlays(self, gp: GroupPlan, formats, new_paths, base_layout, base_uuids) -> None:
+        from ..guest.session import GuestSession
+
+        session = GuestSession(self.cfg.appliance, self.progress)
+        try:
+            src_dev, dst_dev = {}, {}
+            for t in gp.members:
+                src_dev[t.name] = session.add_disk(t.disk_path, formats[t.name], readonly=True)
+                dst_dev[t.name] = session.add_disk(new_paths[t.name], "qcow2", readonly=False)
+            session.launch()
+            g = session.g
+            with tempfile.TemporaryDirectory(prefix="vmshare-build-", dir=str(self.cfg.store_dir)) as work:
+                for t in gp.members:
+                    self.progress(f"rebuilding {t.name} as an overlay")
+                    layout = t.inspection.layout
+                    build.copy_raw_areas(g, src_dev[t.name], dst_dev[t.name], layout)
+                    delta = gp.deltas[t.name]
+                    for part, fc in gp.common.items():
+                        mfs = layout.filesystem(part)
+                        bfs = base_layout.filesystem(part)
+                        bfs_now = type(bfs)(**{**bfs.__dict__, "uuid": base_uuids[part]})
+                        dev = build.part_device(dst_dev[t.name], part)
+                        build.grow_and_identify(g, dev, mfs, bfs_now)
+                        from ..guest.manifest import FilesystemReader
+
+                        source = FilesystemReader(session, build.part_device(src_dev[t.name], part), name=t.name)
+                        written = build.apply_delta(session, dev, t.manifests[part], fc, delta.private[part],
+                                                    delta.metadata[part], source, work)
+                        expected = _expected_manifest(t.manifests[part], written)
+                        self.progress(f"verifying {t.name} partition {part}")
+                        build.verify_view(session, dev, expected, f"{t.name} partition {part}")
+                        source.unmount()
+                    build.verify_layout(g, dst_dev[t.name], layout, t.name)
+                    build.verify_raw_areas(g, src_dev[t.name], dst_dev[t.name], layout, t.name)
+            session.close()
+        except BaseException:
+            session.abort()
+            raise
+
+    def _switch(self, t: Target, spec: MemberSpec, new: str, group: str, gen_id: int) -> str | None:
+        """Put the overlay in place of the disk; returns a reason when this member was left as it was."""
+        from .. import domains as dommod
+        from ..libvirt_conn import lookup
+
+        dom = lookup(self.conn, t.name)
+        blockers = [b for b in dommod.offline_blockers(self.conn, dom, [t.disk_path]) if b.code not in FIXABLE]
+        if blockers:
+            remove_quietly(new)
+            return "; ".join(b.message for b in blockers)
+        if file_identity(t.disk_path) != spec.identity:
+            remove_quietly(new)
+            return f"{t.disk_path} changed since it was read"
+        if not self.store.begin_switch(self.op_id, t.disk_path):
+            remove_quietly(new)
+            return "the domain was started meanwhile"
+        orig = t.disk_path + ORIG_SUFFIX
+        seq = self._intent("switch", {"disk": t.disk_path, "new": new, "orig": orig, "domain": t.name})
+        copy_ownership(t.disk_path, new)
+        remove_quietly(orig)
+        durable_link(t.disk_path, orig)
+        crashpoint("switch:linked")
+        durable_rename(new, t.disk_path)
+        crashpoint("switch:renamed")
+        self.store.add_member(t.name, t.disk_path, group, gen_id, orig, spec.allocated)
+        if any(c == "empty-backingstore" for c, _ in t.blockers):
+            for d in dommod.os_disks(dom):
+                if d.source == t.disk_path and d.empty_backing_store:
+                    dommod.remove_empty_backing_store(self.conn, dom, d.target_dev)
+        self._done(seq, "switch")
+        self.store.clear_busy(self.op_id, t.disk_path)
+        return None
+
+
+def _expected_manifest(original: Manifest, written: dict[bytes, str]) -> Manifest:
+    """The original manifest with the digests learnt while copying private files filled in."""
+    for path, digest in written.items():
+        e = original.entries.get(path)
+        if e is not None and e.kind == "f" and e.digest is None:
+            e.digest = digest
+    missing = [e.path for e in original if e.kind == "f" and e.digest is None]
+    if missing:
+        raise OperationError(f"internal: {len(missing)} file(s) have no expected digest, e.g. {missing[0]!r}")
+    return original

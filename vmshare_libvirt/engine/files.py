@@ -1,0 +1,104 @@
+"""Durable file operations on the host: fsync, rename, hard links, crash points."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+
+from ..errors import OperationError
+
+log = logging.getLogger(__name__)
+
+
+class CrashPoint(BaseException):
+    """Raised only in tests (via VMSHARE_CRASHPOINT) when the process is not killed outright."""
+
+
+def crashpoint(name: str) -> None:
+    """Die here if ``VMSHARE_CRASHPOINT`` names this step (tests of crash recovery).
+
+    ``VMSHARE_CRASHPOINT=step`` kills the process with SIGKILL at that step,
+    exactly like a power cut from the journal's point of view.
+    """
+    want = os.environ.get("VMSHARE_CRASHPOINT")
+    if want and want == name:
+        log.warning("crash point %s reached: killing the process", name)
+        os.kill(os.getpid(), 9)
+
+
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_rename(src: str, dst: str) -> None:
+    """fsync(src), rename(src, dst), fsync(directory)."""
+    fsync_file(src)
+    os.rename(src, dst)
+    fsync_dir(os.path.dirname(dst))
+
+
+def durable_link(src: str, dst: str) -> None:
+    """Give ``src`` a second name (a hard link) durably."""
+    os.link(src, dst)
+    fsync_dir(os.path.dirname(dst))
+
+
+def remove_quietly(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def same_inode(a: str, b: str) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except FileNotFoundError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def copy_ownership(src: str, dst: str) -> None:
+    """Owner, mode and SELinux label of ``src`` onto ``dst`` (owner before mode: chown clears set-id bits)."""
+    st = os.stat(src)
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    try:
+        label = os.getxattr(src, "security.selinux")
+    except OSError:
+        label = None
+    if label is not None:
+        try:
+            os.setxattr(dst, "security.selinux", label)
+        except OSError as exc:
+            log.warning("could not copy the SELinux label to %s: %s", dst, exc)
+
+
+def file_identity(path: str) -> dict[str, int]:
+    """What must not change between plan and switch (RELIABILITY 19)."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "dev": st.st_dev}
+
+
+def check_free_space(directory: str, needed: int, what: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise OperationError(
+            f"not enough free space in {directory} for {what}: {free // 2**20} MiB free, about {needed // 2**20} MiB needed",
+            hint="free some space and run the command again; nothing was changed",
+        )

@@ -1,0 +1,174 @@
+"""Build tar archives on the host that recreate manifest entries exactly.
+
+The archives are PAX with numeric owners, nanosecond mtimes and binary-safe
+xattrs, which GNU tar inside the appliance (``tar_in`` with xattrs) restores
+exactly.  Content comes from the guest through ``tar_out`` of whole
+directories or ``download`` of single files, whichever is cheaper
+(:mod:`..guest.digests`), and is digested on the host while it passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat as stmod
+import tarfile
+import tempfile
+from typing import Callable, Iterable
+
+from ..guest import digests
+from ..guest.entries import Entry, Manifest
+from ..guest.manifest import FilesystemReader, is_api_path, join
+from ..errors import VerificationError
+
+TAR_TYPES = {"f": tarfile.REGTYPE, "d": tarfile.DIRTYPE, "l": tarfile.SYMTYPE, "c": tarfile.CHRTYPE,
+             "b": tarfile.BLKTYPE, "p": tarfile.FIFOTYPE}
+
+
+def tar_name(path: bytes) -> str:
+    return "." if not path else "./" + path.decode("utf-8", "surrogateescape")
+
+
+def tarinfo_for(entry: Entry) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(tar_name(entry.path))
+    ti.type = TAR_TYPES[entry.kind]
+    ti.mode = entry.mode
+    ti.uid, ti.gid = entry.uid, entry.gid
+    ti.uname = ti.gname = ""
+    sec, ns = divmod(entry.mtime_ns, 1_000_000_000)
+    ti.mtime = sec
+    pax = {"mtime": f"{sec}.{ns:09d}"}
+    for name, value in entry.xattrs:
+        if name.startswith("tar."):
+            continue  # ACL text from a tar read: restored through the system.posix_acl xattrs instead
+        pax["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
+    ti.pax_headers = pax
+    if entry.kind == "l":
+        ti.linkname = (entry.target or b"").decode("utf-8", "surrogateescape")
+    if entry.kind in "cb":
+        ti.devmajor, ti.devminor = os.major(entry.rdev), os.minor(entry.rdev)
+    return ti
+
+
+class ContentSource:
+    """Fetches regular-file content from one guest filesystem, in bulk where it pays."""
+
+    def __init__(self, reader: FilesystemReader, manifest: Manifest, workdir: str):
+        self.reader = reader
+        self.manifest = manifest
+        self.workdir = workdir
+
+    def fetch(self, wanted: set[bytes], sink: Callable[[bytes, io.BufferedReader | tarfile.ExFileObject], None]) -> None:
+        """Call ``sink(path, fileobj)`` once for every wanted regular file."""
+        files = {e.path: e.size for e in self.manifest if e.kind == "f" and is_api_path(e.path)}
+        api = {p for p in wanted if p in files}
+        odd = wanted - api
+        plan = digests.choose(files, api)
+        bulk = set(plan.bulk_dirs)
+        for p in odd:  # names the API cannot carry come through a tar of their nearest API-safe ancestor
+            parts = p.split(b"/")
+            i = next(i for i, part in enumerate(parts) if not is_api_path(part))
+            bulk.add(b"/".join(parts[:i]))
+        seen: set[bytes] = set()
+        g = self.reader.g
+        for d in sorted(bulk):
+            tar_path = os.path.join(self.workdir, "bulk.tar")
+            g.tar_out(self.reader.guest_path(d), tar_path, numericowner=True)
+            with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
+                for ti in tf:
+                    rel = ti.name.encode("utf-8", "surrogateescape")
+                    rel = rel[2:] if rel.startswith(b"./") else rel
+                    path = join(d, rel)
+                    if path in wanted and path not in seen and (ti.isreg() or ti.islnk()):
+                        seen.add(path)
+                        sink(path, tf.extractfile(ti))
+            os.unlink(tar_path)
+        for p in plan.single_files:
+            if p in seen:
+                continue
+            local = os.path.join(self.workdir, "single")
+            g.download(self.reader.guest_path(p), local)
+            with open(local, "rb") as f:
+                sink(p, f)
+            os.unlink(local)
+            seen.add(p)
+        missing = wanted - seen
+        if missing:
+            example = sorted(missing)[0].decode("utf-8", "backslashreplace")
+            raise VerificationError(f"{len(missing)} file(s) could not be read from the guest, e.g. /{example}",
+                                    target=self.reader.name)
+
+
+def write_archive(out_path: str, entries: Iterable[Entry], source: ContentSource | None,
+                  digests_out: dict[bytes, str]) -> int:
+    """Write a tar recreating ``entries`` (parents first); returns the number of members.
+
+    Regular files get their content from ``source``; their sha256 is stored in
+    ``digests_out`` and checked against the entry's digest when it has one.
+    Hard-linked files (same inode) become one file plus hard links.
+    """
+    entries = sorted(entries, key=lambda e: e.path.split(b"/"))
+    files = {e.path for e in entries if e.kind == "f"}
+    first_of_inode: dict[int, bytes] = {}
+    link_to: dict[bytes, bytes] = {}
+    for e in entries:
+        if e.kind == "f" and e.nlink > 1 and e.ino:
+            if e.ino in first_of_inode:
+                link_to[e.path] = first_of_inode[e.ino]
+            else:
+                first_of_inode[e.ino] = e.path
+    content_dir = tempfile.mkdtemp(prefix="content-", dir=os.path.dirname(out_path))
+    stored: dict[bytes, str] = {}
+    try:
+        if source is not None and files:
+            wanted = files - set(link_to)
+
+            def sink(path: bytes, fobj) -> None:
+                local = os.path.join(content_dir, str(len(stored)))
+                h = hashlib.sha256()
+                with open(local, "wb") as out:
+                    for chunk in iter(lambda: fobj.read(1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                stored[path] = local
+                digests_out[path] = h.hexdigest()
+
+            source.fetch(wanted, sink)
+        count = 0
+        with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+            by_path = {e.path: e for e in entries}
+            for e in entries:
+                if e.kind in "s?":
+                    continue
+                ti = tarinfo_for(e)
+                if e.path in link_to:
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = tar_name(link_to[e.path])
+                    tf.addfile(ti)
+                    digests_out[e.path] = digests_out[link_to[e.path]]
+                elif e.kind == "f":
+                    local = stored[e.path]
+                    got = digests_out[e.path]
+                    if e.digest is not None and got != e.digest:
+                        raise VerificationError(f"/{e.path.decode('utf-8', 'backslashreplace')} changed while it was read")
+                    ti.size = os.path.getsize(local)
+                    if ti.size != e.size:
+                        raise VerificationError(f"/{e.path.decode('utf-8', 'backslashreplace')} changed size while it was read")
+                    with open(local, "rb") as f:
+                        tf.addfile(ti, f)
+                else:
+                    tf.addfile(ti)
+                count += 1
+            del by_path
+        return count
+    finally:
+        shutil.rmtree(content_dir, ignore_errors=True)
+
+
+def is_socket(e: Entry) -> bool:
+    return e.kind == "s"
+
+
+S_IFSOCK = stmod.S_IFSOCK
