@@ -39,6 +39,16 @@ SCHEMA: dict[str, Any] = {
         "require_metadata": (bool, False),
         "min_saving_bytes": (int, 0),
     },
+    # The event daemon ('vmshare watch').  Every value is a positive integer.
+    "watch": {
+        # libvirt keepalive: a probe every N seconds, the link is dead after M unanswered ones.
+        "keepalive_interval_s": (int, 5),
+        "keepalive_count": (int, 3),
+        # Reconnect after libvirtd went away: 1 s, 2 s, 4 s, ... up to this.
+        "reconnect_max_s": (int, 60),
+        # Retry work refused because another vmshare operation held the store lock.
+        "retry_busy_s": (int, 30),
+    },
 }
 
 
@@ -65,12 +75,21 @@ class AutoEnrollPolicy:
 
 
 @dataclass(frozen=True)
+class WatchSettings:
+    keepalive_interval_s: int = 5
+    keepalive_count: int = 3
+    reconnect_max_s: int = 60
+    retry_busy_s: int = 30
+
+
+@dataclass(frozen=True)
 class Config:
     store_dir: Path = Path("/var/lib/libvirt/vmshare")
     libvirt_uri: str = "qemu:///system"
     keep_originals: bool = True
     appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
     auto_enroll: AutoEnrollPolicy = field(default_factory=AutoEnrollPolicy)
+    watch: WatchSettings = field(default_factory=WatchSettings)
     source: Path | None = None
 
 
@@ -126,6 +145,9 @@ def parse(text: str, source: Path | None = None) -> Config:
         raise
     if values["auto_enroll"]["min_saving_bytes"] < 0:
         raise ConfigError("auto_enroll.min_saving_bytes: must not be negative", target=str(source or "config"))
+    for key, value in values["watch"].items():
+        if value < 1:
+            raise ConfigError(f"watch.{key}: must be at least 1", target=str(source or "config"))
     return Config(
         store_dir=Path(values["store_dir"]),
         libvirt_uri=values["libvirt_uri"],
@@ -142,6 +164,7 @@ def parse(text: str, source: Path | None = None) -> Config:
             require_metadata=values["auto_enroll"]["require_metadata"],
             min_saving_bytes=values["auto_enroll"]["min_saving_bytes"],
         ),
+        watch=WatchSettings(**values["watch"]),
         source=source,
     )
 
