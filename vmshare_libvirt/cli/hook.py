@@ -36,8 +36,18 @@ exit 0
 """
 
 
-def render_shim(python: str) -> str:
-    return SHIM_TEMPLATE.format(python=shlex.quote(python))
+def render_shim(python: str, config: str | None = None) -> str:
+    """The shim for ``python``; with ``config``, it also names the configuration file.
+
+    libvirtd runs hooks with a minimal environment (no ``VMSHARE_CONFIG``), so a
+    configuration outside the default path must be written into the shim for
+    the hook to find the same store as the command line.
+    """
+    text = SHIM_TEMPLATE.format(python=shlex.quote(python))
+    if config is not None:
+        line = f"VMSHARE_PYTHON={shlex.quote(python)}\n"
+        text = text.replace(line, f"{line}VMSHARE_CONFIG={shlex.quote(config)}; export VMSHARE_CONFIG\n", 1)
+    return text
 
 
 def installed_python(text: str) -> str | None:
@@ -49,6 +59,15 @@ def installed_python(text: str) -> str | None:
     return None
 
 
+def installed_config(text: str) -> str | None:
+    """The configuration path written in an installed shim (None: the default one)."""
+    for line in text.splitlines():
+        if line.startswith("VMSHARE_CONFIG="):
+            words = shlex.split(line[len("VMSHARE_CONFIG="):].split(";", 1)[0])
+            return words[0] if words else None
+    return None
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("hook", help="install, remove or show the libvirt qemu hook",
                                    description="Manage the libvirt qemu hook that keeps guests from "
@@ -56,7 +75,11 @@ def register(subparsers) -> None:
     actions = parser.add_subparsers(dest="hook_action", metavar="ACTION")
     actions.required = True
 
-    install = actions.add_parser("install", help="install or update the hook")
+    install = actions.add_parser("install", help="install or update the hook",
+                                 description="Install the hook shim.  libvirtd runs hooks without this "
+                                             "shell's environment, so a configuration named by --config or "
+                                             "VMSHARE_CONFIG is written into the shim (the default "
+                                             "/etc/vmshare/vmshare.yaml needs nothing).")
     install.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"hook directory (default: {DEFAULT_DIR})")
     install.add_argument("--python", default=sys.executable,
                          help="interpreter the hook runs (default: the one running this command)")
@@ -109,6 +132,20 @@ def _write_atomically(path: Path, text: str) -> None:
         raise TargetError(f"cannot write the hook: {exc.strerror}", target=str(path)) from exc
 
 
+def _config_to_bake(ctx) -> str | None:
+    """The configuration the command line uses, if not the default: the shim must name it."""
+    from .. import config
+
+    path = ctx.config_path or config.config_path()
+    path = Path(os.path.abspath(path))
+    if path == config.DEFAULT_PATH:
+        return None
+    if not path.is_file():
+        raise TargetError("configuration file not found", target=str(path),
+                          hint="the hook would not find the store; create it or drop --config/VMSHARE_CONFIG")
+    return str(path)
+
+
 def _install(args: argparse.Namespace, ctx) -> int:
     python = args.python
     if not os.path.isabs(python):
@@ -121,10 +158,12 @@ def _install(args: argparse.Namespace, ctx) -> int:
         args.dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TargetError(f"cannot create the hook directory: {exc.strerror}", target=str(args.dir)) from exc
+    config_file = _config_to_bake(ctx)
     path = args.dir / HOOK_NAME
     existed = path.exists()
-    _write_atomically(path, render_shim(python))
-    ctx.stdout.write(f"{'updated' if existed else 'installed'} {path} (python {python})\n")
+    _write_atomically(path, render_shim(python, config_file))
+    with_config = f", config {config_file}" if config_file else ""
+    ctx.stdout.write(f"{'updated' if existed else 'installed'} {path} (python {python}{with_config})\n")
     if not existed:
         ctx.stdout.write(f"note: {RESTART_NOTE}\n")
     return 0
@@ -152,18 +191,20 @@ def _uninstall(args: argparse.Namespace, ctx) -> int:
 def hook_status(directory: Path) -> dict:
     """What is installed in ``directory``: a dict for humans and ``--json``."""
     path = directory / HOOK_NAME
-    info: dict = {"path": str(path), "installed": False, "python": None, "python_present": None,
+    info: dict = {"path": str(path), "installed": False, "python": None, "python_present": None, "config": None,
                   "current": None, "executable": None, "note": RESTART_NOTE}
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return info
     python = installed_python(text)
+    config_file = installed_config(text)
     info.update(
         installed=MARKER in text,
         python=python,
         python_present=bool(python) and os.access(python, os.X_OK),
-        current=bool(python) and text == render_shim(python),
+        config=config_file,
+        current=bool(python) and text == render_shim(python, config_file),
         executable=os.access(path, os.X_OK),
     )
     return info
@@ -180,6 +221,7 @@ def _status(args: argparse.Namespace, ctx) -> int:
     ctx.stdout.write(f"hook: installed at {info['path']}\n")
     state = "present" if info["python_present"] else "MISSING: the hook does nothing until it exists"
     ctx.stdout.write(f"python: {info['python']} ({state})\n")
+    ctx.stdout.write(f"config: {info['config'] or 'default (/etc/vmshare/vmshare.yaml)'}\n")
     if not info["executable"]:
         ctx.stdout.write("warning: the hook file is not executable; libvirt will not run it\n")
     if not info["current"]:
