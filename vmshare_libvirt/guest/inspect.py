@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid as uuid_mod
 from dataclasses import asdict, dataclass, field
 
 from .session import AttachedDisk, GuestSession, guestfs_error
@@ -115,14 +116,76 @@ def _ext_details(g, dev: str) -> tuple[int, tuple[str, ...], int, int]:
     return size, features, block_size, inode_size
 
 
-def _layout(session: GuestSession, disk: AttachedDisk, fs_types: dict[str, str], mountpoints: dict[str, str]) -> DiskLayout:
-    g = session.g
-    dev = disk.device
-    virtual_size = g.blockdev_getsize64(dev)
+SECTOR = 512
+# MBR partition types of extended partitions (logical partitions need parted).
+_EXTENDED = (0x05, 0x0F, 0x85)
+GPT_HEAD_SECTORS = 34  # protective MBR, GPT header, 128 entries of 128 bytes
+
+
+def _guid(raw: bytes) -> str:
+    """A GPT GUID (mixed-endian on disk) as libguestfs prints it (upper case)."""
+    return str(uuid_mod.UUID(bytes_le=raw)).upper()
+
+
+def parse_partition_table(head: bytes, disk_size: int) -> tuple[str | None, str | None, list[Partition]] | None:
+    """Table type, disk id and partitions from the first sectors of a disk.
+
+    Reads what ``parted``/``sfdisk`` would report for the common cases (an
+    MBR with primary partitions only, a GPT whose entries follow its header)
+    without starting a program in the appliance.  Returns ``(None, None, [])``
+    when the disk has no partition table, and None for anything unusual
+    (logical partitions, a damaged or odd GPT): the caller then asks parted.
+    """
+    if len(head) < SECTOR or head[510:512] != b"\x55\xaa":
+        return None if any(head[446:510]) and len(head) >= SECTOR else (None, None, [])
+    slots = [head[446 + 16 * i: 462 + 16 * i] for i in range(4)]
+    types = [s[4] for s in slots]
+    if 0xEE in types:
+        return _parse_gpt(head, disk_size)
+    if any(t in _EXTENDED for t in types):
+        return None
+    if head[0:3] == b"\xeb\x3c\x90" or head[0:3] == b"\xeb\x58\x90":
+        return None  # a FAT boot sector, not an MBR: let parted decide
+    partitions = []
+    for i, s in enumerate(slots, 1):
+        if s[4] == 0:
+            continue
+        start, count = int.from_bytes(s[8:12], "little"), int.from_bytes(s[12:16], "little")
+        if s[0] not in (0, 0x80) or not start or not count or (start + count) * SECTOR > disk_size:
+            return None
+        partitions.append(Partition(i, start * SECTOR, count * SECTOR, s[4], None, None, s[0] == 0x80))
+    if not partitions:
+        return None
+    return "msdos", head[440:444][::-1].hex(), partitions
+
+
+def _parse_gpt(head: bytes, disk_size: int):
+    hdr = head[SECTOR: 2 * SECTOR]
+    if hdr[0:8] != b"EFI PART" or len(head) < GPT_HEAD_SECTORS * SECTOR:
+        return None
+    entries_lba = int.from_bytes(hdr[72:80], "little")
+    count = int.from_bytes(hdr[80:84], "little")
+    size = int.from_bytes(hdr[84:88], "little")
+    if size < 128 or entries_lba < 2 or (entries_lba * SECTOR + count * size) > len(head):
+        return None
+    partitions = []
+    for i in range(count):
+        e = head[entries_lba * SECTOR + i * size: entries_lba * SECTOR + (i + 1) * size]
+        if not any(e[0:16]):
+            continue
+        first, last = int.from_bytes(e[32:40], "little"), int.from_bytes(e[40:48], "little")
+        if not first or last < first or (last + 1) * SECTOR > disk_size:
+            return None
+        partitions.append(Partition(i + 1, first * SECTOR, (last - first + 1) * SECTOR, None,
+                                    _guid(e[0:16]), _guid(e[16:32]), False))
+    return "gpt", _guid(hdr[56:72]), partitions
+
+
+def _partitions_by_parted(g, dev: str) -> tuple[str | None, str | None, list[Partition]]:
     try:
         table = g.part_get_parttype(dev)
     except RuntimeError:
-        table = None
+        return None, None, []
     partitions: list[Partition] = []
     disk_id = None
     if table:
@@ -141,10 +204,34 @@ def _layout(session: GuestSession, disk: AttachedDisk, fs_types: dict[str, str],
             disk_id = g.pread_device(dev, 4, 440)[::-1].hex()
         elif table == "gpt":
             disk_id = g.part_get_disk_guid(dev)
+    return table, disk_id, partitions
+
+
+def _fs_types(g, dev: str, partitions: list[Partition]) -> dict[str, str]:
+    """Filesystem type of each partition (or of the whole disk without a table), by device."""
+    devices = [f"{dev}{p.number}" for p in partitions] if partitions else [dev]
+    out = {}
+    for fsdev in devices:
+        try:
+            fstype = g.vfs_type(fsdev)
+        except RuntimeError:
+            fstype = ""
+        out[fsdev] = fstype or "unknown"
+    return out
+
+
+def _layout(session: GuestSession, disk: AttachedDisk, mountpoints: dict[str, str]) -> DiskLayout:
+    g = session.g
+    dev = disk.device
+    virtual_size = g.blockdev_getsize64(dev)
+    head = g.pread_device(dev, GPT_HEAD_SECTORS * SECTOR, 0)
+    parsed = parse_partition_table(head, virtual_size)
+    table, disk_id, partitions = parsed if parsed is not None else _partitions_by_parted(g, dev)
+    fs_types = _fs_types(g, dev, partitions)
     filesystems: list[Filesystem] = []
     for fsdev, fstype in sorted(fs_types.items()):
-        if not (fsdev == dev or re.fullmatch(re.escape(dev) + r"\d+", fsdev)):
-            continue
+        if fstype == "unknown" and fsdev == dev:
+            continue  # a blank disk
         num = _partnum(fsdev, dev)
         uuid = label = ""
         try:
@@ -174,8 +261,7 @@ def _os_identity(g, root: str) -> OsIdentity:
     )
 
 
-def _findings(session: GuestSession, disk: AttachedDisk, layout: DiskLayout, os_id: OsIdentity | None,
-              fs_types: dict[str, str]) -> list[Finding]:
+def _findings(session: GuestSession, disk: AttachedDisk, layout: DiskLayout, os_id: OsIdentity | None) -> list[Finding]:
     g = session.g
     found: list[Finding] = []
     if os_id is None:
@@ -205,7 +291,6 @@ def inspect_disks(session: GuestSession) -> list[DiskInspection]:
     """Inspect every disk attached to a launched session (one ``inspect_os`` for all)."""
     g = session.g
     try:
-        fs_types = g.list_filesystems()
         roots = g.inspect_os()
     except RuntimeError as exc:
         raise guestfs_error(exc, "inspection failed") from exc
@@ -221,8 +306,8 @@ def inspect_disks(session: GuestSession) -> list[DiskInspection]:
         if root:
             for mp, fsdev in g.inspect_get_mountpoints(root).items():
                 mountpoints[fsdev] = mp
-        layout = _layout(session, disk, fs_types, mountpoints)
-        findings = _findings(session, disk, layout, os_id, fs_types)
+        layout = _layout(session, disk, mountpoints)
+        findings = _findings(session, disk, layout, os_id)
         if any(pv.startswith(disk.device) for pv in pvs):
             findings.append(Finding("lvm", "the disk holds LVM physical volumes (LVM is not supported yet)"))
         results.append(DiskInspection(str(disk.path), disk.fmt, disk.device, os_id, layout, tuple(findings)))
