@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import qemu_img
 from .errors import ImageError, TargetError
@@ -72,8 +72,13 @@ def _domain_target(conn, name: str) -> tuple[Target, str, object]:
     return t, fmt, dom
 
 
-def resolve(names: list[str], connect: Callable[[], object]) -> Resolved:
-    """Resolve each name; ``connect`` opens the libvirt connection on first need."""
+def resolve(names: list[str], connect: Callable[[], object], *, may_vanish: Iterable[str] = ()) -> Resolved:
+    """Resolve each name; ``connect`` opens the libvirt connection on first need.
+
+    Domains in ``may_vanish`` (those listed by ``--all``) are skipped when
+    they are undefined between the listing and the look-up.
+    """
+    may_vanish = set(may_vanish)
     out = Resolved([], {}, {})
     conn = None
     seen: set[str] = set()
@@ -88,7 +93,12 @@ def resolve(names: list[str], connect: Callable[[], object]) -> Resolved:
         else:
             if conn is None:
                 conn = connect()
-            t, fmt, dom = _domain_target(conn, name)
+            try:
+                t, fmt, dom = _domain_target(conn, name)
+            except TargetError as exc:
+                if name in may_vanish and exc.message == "no such domain":
+                    continue
+                raise
             out.domains[name] = dom
         out.targets.append(t)
         out.formats[name] = fmt

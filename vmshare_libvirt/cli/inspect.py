@@ -11,7 +11,8 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="show the OS, disk layout and file inventory of domains or disk images")
     add_targets_argument(p, allow_all=True)
     p.add_argument("--manifest", metavar="FILE",
-                   help="also write every file's manifest entry (with digests) as JSON lines to FILE")
+                   help="also write every file's manifest entry (with digests) as JSON lines to FILE: "
+                        "{\"target\", \"partition\", \"entry\"}")
     p.set_defaults(func=run)
 
 
@@ -22,7 +23,7 @@ def run(args, ctx) -> int:
 
     cfg = ctx.load_config()
     names = target_names(args, ctx, cfg)
-    resolved = resolve(names, connector(ctx, cfg))
+    resolved = resolve(names, connector(ctx, cfg), may_vanish=names[len(args.targets):])
     targets = resolved.targets
     report = []
     s = Survey(cfg.appliance, ctx.progress)
@@ -45,7 +46,8 @@ def run(args, ctx) -> int:
                     if manifest_out:
                         reader.digest(man)
                         for e in man:
-                            manifest_out.write(json.dumps({"target": t.name, "partition": fs.partition, **e.to_json()}) + "\n")
+                            manifest_out.write(json.dumps({"target": t.name, "partition": fs.partition,
+                                                        "entry": e.to_json()}) + "\n")
                     kinds = {}
                     for e in man:
                         kinds[e.kind] = kinds.get(e.kind, 0) + 1

@@ -19,8 +19,10 @@ def run(args, ctx) -> int:
 
     cfg = ctx.load_config()
     names = target_names(args, ctx, cfg)
-    resolved = resolve(names, connector(ctx, cfg))
+    resolved = resolve(names, connector(ctx, cfg), may_vanish=names[len(args.targets):])
     result = survey(resolved.targets, resolved.formats, cfg.appliance, ctx.progress)
+    if not result.groups:
+        _refuse_bad_input(result, set(args.targets))
     data = result.to_json(details=args.details)
     if args.json:
         ctx.emit_json(data)
@@ -44,3 +46,12 @@ def run(args, ctx) -> int:
     for e in data["excluded"]:
         out.write(f"Excluded {e['target']}: {e['reason']}\n")
     return 0
+
+
+def _refuse_bad_input(result, named: set[str]) -> None:
+    """No group: a named target that holds no OS is a user error, not just an exclusion."""
+    from ..errors import TargetError
+
+    for e in result.excluded:
+        if e.code == "no-os" and e.target in named:
+            raise TargetError(e.reason, target=e.target, hint="name a disk or domain that holds an installed guest")
