@@ -1,0 +1,397 @@
+"""The watcher's logic without libvirtd: event mapping, policy, backoff, and the work it
+decides on (fake connection and engine, a real store in a temporary directory)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from vmshare_libvirt import config, watch
+from vmshare_libvirt.cli import main as cli_main
+from vmshare_libvirt.errors import BusyError, OperationError
+from vmshare_libvirt.store import Store
+from vmshare_libvirt.watch import Action, Backoff, Watcher, classify, has_enroll_metadata, policy_refusal
+
+E = libvirt
+
+
+# ---------------------------------------------------------------- events → actions
+
+@pytest.mark.parametrize("event, detail, action", [
+    (E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_ADDED, Action.CONSIDER),
+    (E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_UPDATED, Action.CONSIDER),
+    (E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_RENAMED, Action.RENAMED),
+    (E.VIR_DOMAIN_EVENT_DEFINED, E.VIR_DOMAIN_EVENT_DEFINED_FROM_SNAPSHOT, None),
+    (E.VIR_DOMAIN_EVENT_UNDEFINED, E.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED, Action.UNDEFINED),
+    (E.VIR_DOMAIN_EVENT_UNDEFINED, E.VIR_DOMAIN_EVENT_UNDEFINED_RENAMED, None),  # DEFINED_RENAMED follows
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, Action.STOPPED),
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, Action.STOPPED),
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_CRASHED, Action.STOPPED),
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_FAILED, Action.STOPPED),
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_SAVED, None),  # saved RAM needs that disk
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_MIGRATED, None),  # runs on elsewhere
+    (E.VIR_DOMAIN_EVENT_STOPPED, E.VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT, None),
+    (E.VIR_DOMAIN_EVENT_STARTED, E.VIR_DOMAIN_EVENT_STARTED_BOOTED, None),
+    (E.VIR_DOMAIN_EVENT_SUSPENDED, E.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED, None),
+    (E.VIR_DOMAIN_EVENT_RESUMED, E.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED, None),
+    (E.VIR_DOMAIN_EVENT_SHUTDOWN, E.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED, None),
+    (E.VIR_DOMAIN_EVENT_PMSUSPENDED, 0, None),
+    (999, 0, None),
+])
+def test_event_mapping(event, detail, action):
+    assert classify(event, detail) is action
+
+
+# ---------------------------------------------------------------- policy
+
+def xml_with(metadata: str = "", name: str = "web1", disk: str = "/images/web1.qcow2") -> str:
+    return (f"<domain type='qemu'><name>{name}</name>{metadata}<devices>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>"
+            f"<target dev='vda' bus='virtio'/></disk></devices></domain>")
+
+
+ENROLL_EL = '<vmshare:enroll xmlns:vmshare="https://vmshare.invalid/1"/>'
+
+
+@pytest.mark.parametrize("metadata, expected", [
+    (f"<metadata>{ENROLL_EL}</metadata>", True),
+    ('<metadata><x:enroll xmlns:x="https://vmshare.invalid/1"/></metadata>', True),  # the namespace counts
+    ('<metadata><other xmlns="urn:x"/><enroll xmlns="https://vmshare.invalid/1">yes</enroll></metadata>', True),
+    ('<metadata><vmshare:enroll xmlns:vmshare="https://vmshare.invalid/2"/></metadata>', False),
+    ('<metadata><enroll/></metadata>', False),
+    ("<metadata/>", False),
+    ("", False),
+    (f"<devices>{ENROLL_EL}</devices>", False),  # only directly under <metadata>
+])
+def test_enroll_metadata(metadata, expected):
+    assert has_enroll_metadata(xml_with(metadata)) is expected
+
+
+def test_enroll_metadata_on_garbage_is_absent():
+    assert has_enroll_metadata("<domain><metadata>") is False
+    assert has_enroll_metadata("") is False
+
+
+def test_policy():
+    plain, marked = xml_with(), xml_with(f"<metadata>{ENROLL_EL}</metadata>")
+    default = config.AutoEnrollPolicy()
+    assert policy_refusal(default, "web1", plain) is None
+    assert "auto_enroll.enabled" in policy_refusal(config.AutoEnrollPolicy(enabled=False), "web1", marked)
+    patterns = config.AutoEnrollPolicy(include=("web*", "db?"), exclude=("web-tmp*",))
+    assert policy_refusal(patterns, "web1", plain) is None
+    assert policy_refusal(patterns, "db1", plain) is None
+    assert "include/exclude" in policy_refusal(patterns, "db10", plain)
+    assert "include/exclude" in policy_refusal(patterns, "web-tmp1", plain)  # exclude wins
+    need = config.AutoEnrollPolicy(require_metadata=True)
+    assert "require_metadata" in policy_refusal(need, "web1", plain)
+    assert policy_refusal(need, "web1", marked) is None
+
+
+def test_backoff():
+    b = Backoff(1, 10)
+    assert [b.next_delay() for _ in range(6)] == [1, 2, 4, 8, 10, 10]
+    b.reset()
+    assert b.next_delay() == 1
+    with pytest.raises(ValueError):
+        Backoff(0, 10)
+    with pytest.raises(ValueError):
+        Backoff(5, 1)
+
+
+def test_config_watch_section():
+    cfg = config.parse("watch:\n  reconnect_max_s: 7\n  retry_busy_s: 2\n")
+    assert (cfg.watch.reconnect_max_s, cfg.watch.retry_busy_s, cfg.watch.keepalive_interval_s) == (7, 2, 5)
+    for bad, message in (("watch:\n  retry_busy_s: 0\n", "watch.retry_busy_s: must be at least 1"),
+                         ("watch:\n  keepalive_count: true\n", "watch.keepalive_count: expected int"),
+                         ("watch:\n  poll: 3\n", "watch.poll: unknown key")):
+        with pytest.raises(config.ConfigError, match=message):
+            config.parse(bad)
+
+
+# ---------------------------------------------------------------- the daemon's decisions (fakes)
+
+class NoDomain(libvirt.libvirtError):
+    def __init__(self):
+        Exception.__init__(self, "no domain")
+
+    def get_error_code(self):
+        return libvirt.VIR_ERR_NO_DOMAIN
+
+
+class FakeDomain:
+    def __init__(self, name: str, *, active=False, persistent=True, saved=False, metadata="", disk=None):
+        self._name, self.active, self.persistent, self.saved = name, active, persistent, saved
+        self.xml = xml_with(metadata, name, disk or f"/images/{name}.qcow2")
+
+    def name(self):
+        return self._name
+
+    def isActive(self):
+        return self.active
+
+    def isPersistent(self):
+        return self.persistent
+
+    def hasManagedSaveImage(self, flags=0):
+        return self.saved
+
+    def XMLDesc(self, flags=0):
+        return self.xml
+
+
+class FakeConn:
+    def __init__(self, *domains: FakeDomain):
+        self.domains = {d.name(): d for d in domains}
+
+    def listAllDomains(self, flags=0):
+        return list(self.domains.values())
+
+    def lookupByName(self, name):
+        if name not in self.domains:
+            raise NoDomain()
+        return self.domains[name]
+
+    def isAlive(self):
+        return True
+
+    def close(self):
+        return 0
+
+
+@dataclass
+class Outcome:
+    domain: str
+    state: str
+    group: str | None = None
+    reason: str | None = None
+
+
+class FakeEngine:
+    """Records calls; answers ``state`` (or raises ``error``)."""
+
+    def __init__(self, state="enrolled", error: Exception | None = None):
+        self.state, self.error, self.calls = state, error, []
+
+    def __call__(self, cfg, conn, store, domain, group=None, progress=None):
+        self.calls.append((domain, group))
+        if self.error is not None:
+            raise self.error
+        return Outcome(domain, self.state, "debian12", "no match" if self.state == "skipped" else None)
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "store") as s:
+        yield s
+
+
+def make(tmp_path, store, conn, engine=None, policy="") -> Watcher:
+    cfg = config.parse(f"store_dir: {tmp_path / 'store'}\nwatch:\n  retry_busy_s: 30\n{policy}")
+    w = Watcher(cfg, "test:///", enroll_fn=engine, connect=lambda uri: conn, store=store)
+    w.conn = conn
+    return w
+
+
+def add_member(store, domain, disk):
+    if store.get_group("debian12") is None:
+        store.add_group("debian12", {"distro": "debian"})
+    gen = store.add_generation("debian12", f"/bases/{domain}.qcow2")
+    store.add_member(domain, disk, "debian12", gen.id, None, None)
+
+
+def test_offline_candidate_goes_to_the_engine(tmp_path, store):
+    engine = FakeEngine("enrolled")
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
+    assert w.consider("web1") == "enrolled"
+    assert engine.calls == [("web1", None)]
+    assert w.done[-1].what == "enrolled"
+
+
+def test_running_candidate_is_queued_not_touched(tmp_path, store):
+    engine = FakeEngine()
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1", active=True)), engine)
+    assert w.consider("web1") == "queued"
+    assert w.consider("web1") is None  # one job is enough
+    assert engine.calls == []
+    [job] = store.jobs(state="queued")
+    assert (job.kind, job.domain, job.wait_for) == ("enroll", "web1", "domain-stopped")
+
+
+@pytest.mark.parametrize("domain, policy", [
+    (FakeDomain("tmp1"), "auto_enroll:\n  exclude: ['tmp*']\n"),
+    (FakeDomain("web1"), "auto_enroll:\n  enabled: false\n"),
+    (FakeDomain("web1"), "auto_enroll:\n  require_metadata: true\n"),
+    (FakeDomain("web1", persistent=False), ""),  # transient: never offline
+])
+def test_not_candidates(tmp_path, store, domain, policy):
+    engine = FakeEngine()
+    w = make(tmp_path, store, FakeConn(domain), engine, policy)
+    assert w.consider(domain.name()) is None
+    assert engine.calls == [] and store.jobs() == []
+
+
+def test_metadata_admits_when_required(tmp_path, store):
+    engine = FakeEngine()
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1", metadata=f"<metadata>{ENROLL_EL}</metadata>")), engine,
+             "auto_enroll:\n  require_metadata: true\n")
+    assert w.consider("web1") == "enrolled"
+
+
+def test_members_are_left_alone(tmp_path, store):
+    engine = FakeEngine()
+    add_member(store, "web1", "/images/web1.qcow2")
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
+    assert w.consider("web1") is None and engine.calls == []
+
+
+def test_busy_store_is_retried_later(tmp_path, store):
+    engine = FakeEngine(error=BusyError("another vmshare operation (pid 1, kind consolidate) is running"))
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
+    assert w.consider("web1") == "busy"
+    assert "web1" in w._retry_at
+    engine.error = None
+    w._retry_at["web1"] = 0  # due now
+    w._timers()
+    assert [c[0] for c in engine.calls] == ["web1", "web1"] and w.done[-1].what == "enrolled"
+
+
+def test_engine_missing_leaves_a_job(tmp_path, store, monkeypatch):
+    monkeypatch.setattr(watch, "_load_engine", lambda: None)
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")))
+    assert w.consider("web1") == "queued"
+    [job] = store.jobs(state="queued")
+    assert job.wait_for is None
+    [done] = w.run_due_jobs()
+    assert done.what == "waiting" and store.get_job(job.id).state == "queued"
+
+
+def test_engine_failure_after_a_start_requeues_for_the_stop(tmp_path, store):
+    dom = FakeDomain("web1")
+
+    def engine(cfg, conn, store_, domain, group=None, progress=None):
+        dom.active = True  # the guest started while the engine worked; the hook cancelled it
+        raise OperationError("enrollment cancelled: the domain started")
+
+    w = make(tmp_path, store, FakeConn(dom), engine)
+    assert w.consider("web1") == "failed"
+    [job] = store.jobs(state="queued")
+    assert job.wait_for == "domain-stopped"
+
+
+def test_stop_runs_the_waiting_job(tmp_path, store):
+    engine = FakeEngine("enrolled")
+    dom = FakeDomain("web1", active=True)
+    w = make(tmp_path, store, FakeConn(dom), engine)
+    w.consider("web1")
+    assert w.run_due_jobs() == []  # still waiting for the stop
+    dom.active = False
+    w.apply(Action.STOPPED, "web1")
+    assert engine.calls == [("web1", None)]
+    [job] = store.jobs()
+    assert job.state == "done"
+
+
+def test_busy_job_goes_back_to_the_queue(tmp_path, store):
+    engine = FakeEngine(error=BusyError("busy"))
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
+    job_id = store.enqueue("enroll", "web1", {"group": "g"})
+    [done] = w.run_due_jobs()
+    assert done.what == "busy" and store.get_job(job_id).state == "queued" and w._jobs_at is not None
+    assert engine.calls == [("web1", "g")]
+
+
+def test_job_outcomes(tmp_path, store):
+    engine = FakeEngine("skipped")
+    w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
+    skipped = store.enqueue("enroll", "web1")
+    gone = store.enqueue("enroll", "nosuch")
+    store.enqueue("resync", "web1")  # not a kind this watcher runs
+    w.run_due_jobs()
+    assert store.get_job(skipped).state == "done" and store.get_job(skipped).error == "skipped: no match"
+    assert store.get_job(gone).state == "failed" and "no longer defined" in store.get_job(gone).error
+    assert [j.kind for j in store.jobs(state="queued")] == ["resync"]
+
+
+def test_undefine_drops_member_and_inventory(tmp_path, store):
+    add_member(store, "web1", "/images/web1.qcow2")
+    store.remember_inventory("web1", "/images/web1.qcow2", {}, {}, {})
+    w = make(tmp_path, store, FakeConn(), FakeEngine())
+    w.apply(Action.UNDEFINED, "web1")
+    assert store.members() == [] and store.inventory() == []
+    assert w.done[-1].what == "dropped"
+
+
+def test_rename_moves_the_member(tmp_path, store):
+    add_member(store, "old", "/images/disk.qcow2")
+    engine = FakeEngine()
+    w = make(tmp_path, store, FakeConn(FakeDomain("new", disk="/images/disk.qcow2")), engine)
+    w.apply(Action.RENAMED, "new")
+    assert [m.domain for m in store.members()] == ["new"]
+    assert engine.calls == []  # a member: nothing to enroll
+
+
+def test_reconcile_catches_up(tmp_path, store):
+    add_member(store, "gone", "/images/gone.qcow2")
+    add_member(store, "old-name", "/images/renamed.qcow2")
+    store.remember_inventory("vanished", "/images/vanished.qcow2", {}, {}, {})
+    store.remember_inventory("known", "/images/known.qcow2", {}, {}, {})
+    waiting = store.enqueue("enroll", "stopped-away", wait_for="domain-stopped")
+    saved = store.enqueue("enroll", "saved", wait_for="domain-stopped")
+    conn = FakeConn(FakeDomain("renamed", disk="/images/renamed.qcow2"), FakeDomain("known"),
+                    FakeDomain("stopped-away"), FakeDomain("saved", saved=True), FakeDomain("fresh"),
+                    FakeDomain("running", active=True))
+    engine = FakeEngine("remembered")
+    w = make(tmp_path, store, conn, engine)
+    w.reconcile()
+    assert {m.domain for m in store.members()} == {"renamed"}
+    assert [e.domain for e in store.inventory()] == ["known"]
+    assert store.get_job(waiting).state == "done"  # its stop happened while nobody listened
+    assert store.get_job(saved).state == "queued"  # a managed-saved domain is not free
+    assert sorted(c[0] for c in engine.calls) == ["fresh", "stopped-away"]  # not known, not saved, not running
+    assert [j.domain for j in store.jobs(state="queued")] == ["saved", "running"]
+
+
+def test_close_event_of_the_current_connection_reconnects(tmp_path, store):
+    w = make(tmp_path, store, FakeConn(), FakeEngine())
+    w._conn_serial = 3
+    w._handle(("closed", 2, 1))  # an older connection: ignored
+    assert w.conn is not None
+    w._handle(("closed", 3, 1))
+    assert w.conn is None
+
+
+def test_once_and_single_instance(tmp_path, store):
+    conn = FakeConn(FakeDomain("web1"))
+    first = make(tmp_path, store, conn, FakeEngine())
+    first._take_instance_lock()
+    try:
+        second = make(tmp_path, store, conn, FakeEngine())
+        with pytest.raises(BusyError, match="another vmshare watcher"):
+            second.run(once=True)
+    finally:
+        first._release_instance_lock()
+    engine = FakeEngine("remembered")
+    third = make(tmp_path, store, conn, engine)
+    third.conn = None
+    assert third.run(once=True) == 0
+    assert engine.calls == [("web1", None)] and third.conn is None  # disconnected again
+
+
+def test_cli_once_reports(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store_dir: {tmp_path / 'store'}\n")
+    conn = FakeConn(FakeDomain("web1", active=True))
+    original = Watcher.__init__
+
+    def init(self, cfg_, uri=None, **kw):
+        original(self, cfg_, uri, enroll_fn=FakeEngine(), connect=lambda u: conn)
+
+    monkeypatch.setattr(Watcher, "__init__", init)
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--config", str(cfg), "watch", "--once", "--log", "stderr", "--json"], out, err) == 0
+    assert '"what": "queued"' in out.getvalue()
+    assert Path(tmp_path / "store" / "watch.lock").exists()

@@ -1,0 +1,58 @@
+"""``vmshare enroll DOMAIN [--group NAME]``: make one domain's disk an overlay on its group's base."""
+
+from __future__ import annotations
+
+from ._common import connector, open_store_for_writing, recover_first
+
+#: Outcomes that are not a failure: the domain is (or will be) handled.
+OK_STATES = ("enrolled", "already", "queued", "remembered", "consolidated")
+SKIPPED_EXIT = 3  # as 'vmshare consolidate' when a domain was left unchanged
+
+
+def register(sub) -> None:
+    p = sub.add_parser("enroll", help="enroll one domain into a group (what the watcher does for new domains)",
+                       description="Rebuild DOMAIN's disk as an overlay on the current base of its group, "
+                                   "verified like a consolidation.  A running domain is queued until it stops "
+                                   "(run 'vmshare watch' to process the queue); a domain matching no group is "
+                                   "remembered, or consolidated with a matching standalone domain.")
+    p.add_argument("domain", metavar="DOMAIN")
+    p.add_argument("--group", metavar="NAME", help="enroll into this group (default: the group matching its OS)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=run)
+
+
+def run(args, ctx) -> int:
+    from ..engine.enroll import enroll
+
+    cfg = ctx.load_config()
+    conn = connector(ctx, cfg)()
+    store = open_store_for_writing(ctx, cfg)
+    try:
+        with store.lock(wait=False, kind="enroll"):
+            recover_first(ctx, store, conn)
+            outcome = enroll(cfg, conn, store, args.domain, args.group, ctx.progress)
+    finally:
+        store.close()
+    state = str(outcome.state)
+    data = {"domain": outcome.domain, "state": state, "group": outcome.group, "reason": outcome.reason}
+    ok = state in OK_STATES
+    if args.json:
+        ctx.emit_json(data)
+    else:
+        ctx.stdout.write(_sentence(outcome.domain, state, outcome.group, outcome.reason) + "\n")
+    if not ok and not args.json:
+        ctx.stderr.write(f"vmshare: {outcome.domain}: not enrolled: {outcome.reason or state}\n")
+    return 0 if ok else SKIPPED_EXIT
+
+
+def _sentence(domain: str, state: str, group: str | None, reason: str | None) -> str:
+    in_group = f" group {group}" if group else " its group"
+    text = {
+        "enrolled": f"{domain}: enrolled in{in_group}: now an overlay on the base (original kept until 'vmshare commit')",
+        "already": f"{domain}: already a member of{in_group}",
+        "queued": f"{domain}: queued; 'vmshare watch' enrolls it when it can (after it stops)",
+        "consolidated": f"{domain}: consolidated with a matching domain into new{in_group}",
+        "remembered": f"{domain}: no matching group or domain yet; its inventory is remembered for later matches",
+        "skipped": f"{domain}: left unchanged",
+    }.get(state, f"{domain}: {state}")
+    return f"{text} ({reason})" if reason and state != "skipped" else text
