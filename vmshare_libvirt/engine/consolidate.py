@@ -31,7 +31,7 @@ from ..guest.entries import Manifest
 from ..guest.inspect import SUPPORTED_FS
 from ..plan import GroupPlan, Target
 from ..survey import Survey
-from . import build
+from . import basemanifest, build
 from .files import (check_free_space, copy_ownership, crashpoint, durable_link, durable_rename, file_identity,
                     fsync_dir, fsync_file, remove_quietly)
 
@@ -83,6 +83,18 @@ class Consolidation:
         self.store = store
         self.progress = progress
         self.op_id: int | None = None
+        self.uri = conn.getURI()
+
+    def _domain(self, name: str):
+        """Look a domain up, reconnecting once if libvirtd restarted during a long operation."""
+        from ..errors import ConnectionError_
+        from ..libvirt_conn import lookup, open_connection
+
+        try:
+            return lookup(self.conn, name)
+        except ConnectionError_:
+            self.conn = open_connection(self.uri)
+            return lookup(self.conn, name)
 
     # -- journal helpers ------------------------------------------------------------------
 
@@ -240,6 +252,7 @@ class Consolidation:
         self.store.set_generation_path(gen.id, final)
         seq = self._intent("publish-base", {"generation": gen.id, "path": final, "tmp": tmp, "build": build_path})
         self.progress(f"publishing base {final}")
+        basemanifest.save(basemanifest.manifest_path(final), gp.common, base_layout, base_uuids)
         qemu_img.convert(build_path, "qcow2", tmp, "qcow2", cache="writeback")
         fsync_file(tmp)
         os.chmod(tmp, fingerprint.BASE_MODE)
@@ -265,12 +278,7 @@ class Consolidation:
         seq = self._intent("build-overlays", {"paths": list(new_paths.values())})
         self._build_overlays(gp, formats, new_paths, base_layout, base_uuids)
         for t in gp.members:
-            new = new_paths[t.name]
-            qemu_img.check(new, "qcow2").raise_for_problems()
-            info = qemu_img.info(new, "qcow2")
-            if info.full_backing_filename != final or info.backing_format != "qcow2" or not os.path.isabs(info.backing_filename or ""):
-                raise OperationError(f"overlay {new} does not record the base by absolute path and format")
-            fsync_file(new)
+            self._verify_overlay(new_paths[t.name], final)
         self._done(seq, "build-overlays")
         outcome.timings["overlays"] = time.monotonic() - started
 
@@ -286,6 +294,14 @@ class Consolidation:
         self.store.finish_operation(self.op_id, "done")
         self.store.clear_busy(self.op_id)
         return outcome
+
+    def _verify_overlay(self, new: str, base: str) -> None:
+        """qemu-img check clean; the chain records the base by absolute path and its format."""
+        qemu_img.check(new, "qcow2").raise_for_problems()
+        info = qemu_img.info(new, "qcow2")
+        if info.full_backing_filename != base or info.backing_format != "qcow2" or not os.path.isabs(info.backing_filename or ""):
+            raise OperationError(f"overlay {new} does not record the base by absolute path and format")
+        fsync_file(new)
 
     def _build_overlays(self, gp: GroupPlan, formats, new_paths, base_layout, base_uuids) -> None:
         from ..guest.session import GuestSession
@@ -329,9 +345,8 @@ class Consolidation:
     def _switch(self, t: Target, spec: MemberSpec, new: str, group: str, gen_id: int) -> str | None:
         """Put the overlay in place of the disk; returns a reason when this member was left as it was."""
         from .. import domains as dommod
-        from ..libvirt_conn import lookup
 
-        dom = lookup(self.conn, t.name)
+        dom = self._domain(t.name)
         blockers = [b for b in dommod.offline_blockers(self.conn, dom, [t.disk_path]) if b.code not in FIXABLE]
         if blockers:
             remove_quietly(new)

@@ -7,6 +7,7 @@ import os
 
 from .. import fingerprint
 from ..errors import BlockedError, TargetError
+from .basemanifest import manifest_path
 from .files import durable_rename, remove_quietly
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def collect_unused_bases(store, conn) -> list[str]:
         if os.path.exists(gen.path):
             os.chmod(gen.path, 0o644)
             remove_quietly(gen.path)
+        remove_quietly(manifest_path(gen.path))
         store.remove_generation(gen.id)
         removed.append(gen.path)
     for grp in store.groups():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .basemanifest import manifest_path
 from .files import durable_rename, fsync_dir, remove_quietly, same_inode
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def _undo_publish(store, data: dict, op_id: int) -> None:
     if store.members(generation_id=gen_id):
         return  # members switched onto it: the base stays
     remove_quietly(data["path"])
+    remove_quietly(manifest_path(data["path"]))
     if store.get_generation(gen_id) is not None:
         store.remove_generation(gen_id)
 
