@@ -177,6 +177,8 @@ def test_domain_xml_defines_a_tcg_domain(libvirt_conn, tmp_path):
         assert "type='qemu'" in desc.split("\n", 1)[0]
         assert "machine='pc" in desc and "<interface" not in desc and "<graphics" not in desc
         assert f"<source file='{disk}'" in desc and "bus='sata'" in desc
+        again = libvirt_xml.define(libvirt_conn, xml)  # idempotent: same name keeps its UUID
+        assert again.UUIDString() == dom.UUIDString()
     finally:
         assert libvirt_xml.undefine(libvirt_conn, name)
     assert libvirt_xml.lookup(libvirt_conn, name) is None

@@ -61,20 +61,28 @@ def open_connection(uri: str = "qemu:///system"):
 
 
 def define(conn, xml: str):
-    """Define (or redefine) a persistent domain; returns the libvirt domain object."""
+    """Define (or redefine) a persistent domain; returns the libvirt domain object.
+
+    Redefining an existing name keeps its UUID (libvirt refuses a new one).
+    """
+    root = ET.fromstring(xml)
+    existing = lookup(conn, root.findtext("name", ""))
+    if existing is not None and root.find("uuid") is None:
+        ET.SubElement(root, "uuid").text = existing.UUIDString()
+        xml = ET.tostring(root, encoding="unicode")
     return conn.defineXML(xml)
 
 
 def lookup(conn, name: str):
-    """The domain called ``name``, or None."""
-    import libvirt
+    """The domain called ``name``, or None.
 
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise
+    Lists domains instead of catching lookupByName's error, which libvirt's
+    default error handler would also print on stderr.
+    """
+    for dom in conn.listAllDomains(0):
+        if dom.name() == name:
+            return dom
+    return None
 
 
 def undefine(conn, name: str) -> bool:
