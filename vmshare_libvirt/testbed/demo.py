@@ -55,9 +55,11 @@ class Step:
     args: tuple[str, ...]
 
 
-#: The commands the demo runs, in order.  Add ``consolidate`` here when it exists.
+#: The commands the demo runs, in order.  ``{debian12}`` expands to the bookworm guests.
 STEPS: list[Step] = [
     Step("plan: which guests could share a base, and what it would save", ("plan", "{domains}")),
+    Step("consolidate the Debian 12 guests into one base plus overlays", ("consolidate", "{debian12}")),
+    Step("status: the group, its base and the space saved", ("status",)),
 ]
 
 
@@ -130,7 +132,12 @@ def run_steps(steps: Sequence[Step]) -> int:
     for step in steps:
         argv: list[str] = []
         for arg in step.args:
-            argv.extend(domains if arg == "{domains}" else [arg])
+            if arg == "{domains}":
+                argv.extend(domains)
+            elif arg == "{debian12}":
+                argv.extend(g.name for g in GUESTS if g.release == "bookworm")
+            else:
+                argv.append(arg)
         say(f"--- {step.title}")
         if not command_available(vmshare, argv[0]):
             say(f"'vmshare {argv[0]}' is not available yet in this tree; skipping")
