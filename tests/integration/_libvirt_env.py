@@ -102,12 +102,14 @@ def _alive(pid: int) -> bool:
 
 
 def write_config(directory: Path) -> Path:
-    """A configuration whose store is in ``directory`` and whose policy admits only test domains."""
+    """A configuration whose store is in ``directory`` and whose policy admits only test domains
+    (and not those whose name ends in ``-noenroll``)."""
     config = directory / "vmshare.yaml"
     config.write_text(f"store_dir: {directory / 'store'}\n"
                       f"libvirt_uri: {URI}\n"
                       "auto_enroll:\n"
                       f"  include: ['{PREFIX}*']\n"
+                      "  exclude: ['*-noenroll']\n"
                       "watch:\n"
                       "  keepalive_interval_s: 2\n"
                       "  keepalive_count: 2\n"

@@ -1,0 +1,167 @@
+"""``vmshare watch`` as a process against the real libvirtd, with the hook installed.
+
+The watcher runs with a temporary store and a policy that admits only
+``vmshare-test-watch-*`` domains, so the host's other domains are never
+considered.  Its log goes to a file (``--log stderr``) the tests read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import libvirt
+import pytest
+
+from vmshare_libvirt import qemu_img
+from vmshare_libvirt.store import Store
+
+from _libvirt_env import URI, Domains, hook_installed, restart_libvirtd, virsh, wait_for, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
+
+#: What the watcher logs when it has dealt with a domain (``<name>: <what>``).
+#: One enrollment attempt on a blank disk launches the libguestfs appliance (TCG: 10-35 s).
+ENGINE_TIMEOUT = 120
+OUTCOMES = ("queued", "enrolled", "consolidated", "remembered", "already", "skipped", "failed", "busy")
+
+
+class WatcherProcess:
+    def __init__(self, config, log_path):
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        env = dict(os.environ, VMSHARE_CONFIG=str(config))
+        self.proc = subprocess.Popen([sys.executable, "-c", "from vmshare_libvirt.cli import entry_point; entry_point()",
+                                      "--debug", "watch", "--log", "stderr"],
+                                     stdout=subprocess.DEVNULL, stderr=self.log_file, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def count(self, text: str) -> int:
+        return self.log().count(text)
+
+    def outcome(self, name: str) -> str | None:
+        for line in self.log().splitlines():
+            for what in OUTCOMES:
+                if f" {name}: {what}" in line:
+                    return what
+        return None
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log_file.close()
+
+
+@pytest.fixture(scope="module")
+def env(libvirtd, tmp_path_factory):
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    root = tmp_path_factory.mktemp("watch-env")
+    config = write_config(root)
+    Store.open(root / "store").close()
+    with hook_installed(config):
+        domains = Domains()
+        watcher = WatcherProcess(config, root / "watch.log")
+        try:
+            wait_for(lambda: watcher.count("connected to") or watcher.proc.poll() is not None, 30, "the watcher")
+            assert watcher.proc.poll() is None, watcher.log()
+            yield {"root": root, "store_dir": root / "store", "domains": domains, "watcher": watcher}
+        finally:
+            rc = watcher.stop()
+            domains.cleanup()
+        assert rc == 0, f"the watcher did not exit cleanly on SIGTERM (status {rc}):\n{watcher.log()}"
+        assert "stopped" in watcher.log()
+
+
+def store(env) -> Store:
+    return Store.open(env["store_dir"])
+
+
+def test_virsh_define_is_considered(env):
+    watcher = env["watcher"]
+    name, _disk = env["domains"].define("defined")
+    # A blank disk: the engine inspects it (one appliance launch) and skips it.
+    what = wait_for(lambda: watcher.outcome(name), ENGINE_TIMEOUT, f"the watcher to handle {name}")
+    assert what in OUTCOMES
+    # The host's other domains are never considered (policy: test names only).
+    others = [line for line in watcher.log().splitlines()
+              if re.search(r"vmshare-watch \w+ vmshare-(dev|demo)\S*: (" + "|".join(OUTCOMES) + ")", line)]
+    assert others == []
+
+
+def test_undefine_drops_the_member(env):
+    name, disk = env["domains"].define("member-noenroll")  # policy: no appliance launch for it
+    with store(env) as s:
+        if s.get_group("watchtest") is None:
+            s.add_group("watchtest", {"distro": "test"})
+        gen = s.add_generation("watchtest", str(env["root"] / f"{name}-base.qcow2"))
+        s.add_member(name, disk, "watchtest", gen.id, None, None)
+    virsh("undefine", name)
+    with store(env) as s:
+        wait_for(lambda: not s.members(domain=name), 15, "the member to be dropped")
+        assert s.get_generation(gen.id) is not None  # bases stay: only the membership goes
+    assert f"{name}: dropped" in env["watcher"].log()
+
+
+def test_libvirtd_restart_reconnects(env):
+    watcher = env["watcher"]
+    before = watcher.count("connected to")
+    restart_libvirtd()
+    wait_for(lambda: watcher.count("connected to") > before, 30, "the watcher to reconnect")
+    assert "connection lost" in watcher.log()
+    # A domain the policy excludes: the watcher sees its definition without an appliance launch.
+    name, _disk = env["domains"].define("after-restart-noenroll")
+    wait_for(lambda: f"event 0/0 for {name} -> consider" in watcher.log(), 30,
+             f"the watcher to see the definition of {name} after the restart")
+    wait_for(lambda: f"{name}: not a candidate: name not admitted" in watcher.log(), 30, "the policy check")
+    assert watcher.proc.poll() is None
+
+
+def test_define_then_start_race_leaves_the_guest_on_its_original_disk(env):
+    """virt-install style: define and start at once; the start is never delayed or broken."""
+    domains, watcher = env["domains"], env["watcher"]
+    name, disk = domains.name("race"), domains.disk("race")
+    identity = os.stat(disk)
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.defineXML(domains.xml(name, disk))
+        dom.create()  # immediately: the watcher sees DEFINED while (or after) the guest starts
+        assert dom.isActive()
+        wait_for(lambda: watcher.outcome(name), ENGINE_TIMEOUT, f"the watcher to handle {name}")
+        time.sleep(1)
+        assert dom.isActive(), "the guest did not keep running"
+        st = os.stat(disk)
+        assert (st.st_ino, st.st_dev) == (identity.st_ino, identity.st_dev), "the disk was replaced under the guest"
+        assert qemu_img.info(disk, "qcow2", force_share=True).backing_filename is None
+        with store(env) as s:
+            assert s.members(domain=name) == []
+            assert s.busy_for_domain(name) == []
+            queued = [j for j in s.jobs(state="queued", domain=name) if j.kind == "enroll"]
+        outcome = watcher.outcome(name)
+        # Either the watcher saw it running (a job waits for its stop), or the engine
+        # dealt with it (or is missing: then the job waits for the engine).
+        assert queued or outcome in ("skipped", "remembered", "failed", "busy"), (outcome, watcher.log())
+        before = watcher.log().count(f"{name}: ")
+        dom.destroy()
+        if queued and queued[0].wait_for:
+            # The stop (hook 'release end' and the STOPPED event) makes the job run.
+            with store(env) as s:
+                wait_for(lambda: s.get_job(queued[0].id).state != "queued", 30, "the job to start after the stop")
+                assert any(e.event == "stopped" for e in s.domain_events(name))
+                wait_for(lambda: s.get_job(queued[0].id).state in ("done", "failed"), ENGINE_TIMEOUT, "the job")
+            assert watcher.log().count(f"{name}: ") > before
+    finally:
+        conn.close()
