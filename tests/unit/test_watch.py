@@ -395,3 +395,36 @@ def test_cli_once_reports(tmp_path, monkeypatch):
     assert cli_main(["--config", str(cfg), "watch", "--once", "--log", "stderr", "--json"], out, err) == 0
     assert '"what": "queued"' in out.getvalue()
     assert Path(tmp_path / "store" / "watch.lock").exists()
+
+
+# ---------------------------------------------------------------- vmshare enroll (engine faked)
+
+@pytest.mark.parametrize("state, rc", [("enrolled", 0), ("already", 0), ("queued", 0), ("remembered", 0),
+                                       ("consolidated", 0), ("skipped", 3)])
+def test_cli_enroll_exit_codes(tmp_path, monkeypatch, state, rc):
+    import json
+
+    from vmshare_libvirt.cli import _common
+    from vmshare_libvirt.engine import enroll as engine
+
+    calls = []
+
+    def fake(cfg, conn, store, domain, group=None, progress=None):
+        calls.append((domain, group, store.lock_held))
+        return Outcome(domain, state, "debian12", "no OS found" if state == "skipped" else "")
+
+    monkeypatch.setattr(engine, "enroll", fake)
+    monkeypatch.setattr(_common, "connector", lambda ctx, cfg: lambda: FakeConn(FakeDomain("web1")))
+    monkeypatch.setattr("vmshare_libvirt.cli.enroll.connector", _common.connector)
+    monkeypatch.setattr("vmshare_libvirt.cli.enroll.recover_first", lambda ctx, store, conn: None)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"store_dir: {tmp_path / 'store'}\n")
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--config", str(cfg), "enroll", "web1", "--group", "g", "--json"], out, err) == rc
+    assert json.loads(out.getvalue()) == {"domain": "web1", "state": state, "group": "debian12",
+                                          "reason": "no OS found" if state == "skipped" else ""}
+    assert calls == [("web1", "g", True)]
+    out, err = io.StringIO(), io.StringIO()
+    assert cli_main(["--config", str(cfg), "enroll", "web1"], out, err) == rc
+    assert out.getvalue().startswith("web1: ")
+    assert ("not enrolled: no OS found" in err.getvalue()) == (state == "skipped")
