@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid as uuid_mod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from .session import AttachedDisk, GuestSession, guestfs_error
 
@@ -287,26 +287,95 @@ def _findings(session: GuestSession, disk: AttachedDisk, layout: DiskLayout, os_
     return found
 
 
-def inspect_disks(session: GuestSession) -> list[DiskInspection]:
-    """Inspect every disk attached to a launched session (one ``inspect_os`` for all)."""
+LINUX_ROOT_FS = SUPPORTED_FS + ("xfs", "btrfs")
+
+
+def _mountpoint_of(fs: Filesystem, layout: DiskLayout, fstab: list[tuple[str, str]]) -> str | None:
+    for spec, mp in fstab:
+        key, _, value = spec.partition("=")
+        if key == "UUID" and fs.uuid and value.lower() == fs.uuid.lower():
+            return mp
+        if key == "LABEL" and fs.label and value == fs.label:
+            return mp
+        if key == "PARTUUID":
+            part = next((p for p in layout.partitions if p.number == fs.partition), None)
+            if part is not None and part.gpt_guid and value.upper() == part.gpt_guid.upper():
+                return mp
+        if spec.startswith("/dev/") and fs.partition and re.fullmatch(r"/dev/\w*?\D" + str(fs.partition), spec):
+            return mp
+    return None
+
+
+def _identify_disk(session: GuestSession, disk: AttachedDisk, layout: DiskLayout):
+    """(root partition, OsIdentity, fstab) found by :mod:`.osid`, None, or ``osid.UNKNOWN``."""
+    from . import osid
+
     g = session.g
-    try:
-        roots = g.inspect_os()
-    except RuntimeError as exc:
-        raise guestfs_error(exc, "inspection failed") from exc
+    unknown = False
+    for fs in layout.filesystems:
+        if fs.fstype not in LINUX_ROOT_FS:
+            continue
+        fsdev = disk.device + (str(fs.partition) if fs.partition else "")
+        mp = session.new_mountpoint("id")
+        try:
+            g.mount_ro(fsdev, mp)
+        except RuntimeError:
+            continue
+        try:
+            found = osid.identify(g, mp)
+        finally:
+            g.umount(mp)
+        if found == osid.UNKNOWN:
+            unknown = True
+        elif found is not None:
+            return fs.partition, found[0], found[1]
+    return osid.UNKNOWN if unknown else None
+
+
+def inspect_disks(session: GuestSession) -> list[DiskInspection]:
+    """Inspect every disk attached to a launched session.
+
+    Linux roots are identified with a few reads (:mod:`.osid`); libguestfs'
+    ``inspect_os`` (slow: seconds per disk under TCG) runs only when some
+    filesystem looks like a root that reader does not understand.
+    """
+    from . import osid
+
+    g = session.g
     try:
         pvs = list(g.pvs())
     except RuntimeError:
         pvs = []
+    layouts = {disk.device: _layout(session, disk, {}) for disk in session.disks}
+    found = {disk.device: _identify_disk(session, disk, layouts[disk.device]) for disk in session.disks}
+    roots: list[str] | None = None
+    if any(f == osid.UNKNOWN for f in found.values()):
+        try:
+            roots = g.inspect_os()
+        except RuntimeError as exc:
+            raise guestfs_error(exc, "inspection failed") from exc
     results = []
     for disk in session.disks:
-        root = next((r for r in roots if r == disk.device or (r.startswith(disk.device) and r[len(disk.device):].isdigit())), None)
-        os_id = _os_identity(g, root) if root else None
-        mountpoints: dict[str, str] = {}
-        if root:
-            for mp, fsdev in g.inspect_get_mountpoints(root).items():
-                mountpoints[fsdev] = mp
-        layout = _layout(session, disk, mountpoints)
+        layout = layouts[disk.device]
+        os_id = None
+        mountpoints: dict[int, str] = {}
+        f = found[disk.device]
+        if f == osid.UNKNOWN:
+            root = next((r for r in roots if r == disk.device or (r.startswith(disk.device) and r[len(disk.device):].isdigit())), None)
+            os_id = _os_identity(g, root) if root else None
+            if root:
+                for mp, fsdev in g.inspect_get_mountpoints(root).items():
+                    if fsdev == disk.device or fsdev[len(disk.device):].isdigit():
+                        mountpoints[_partnum(fsdev, disk.device)] = mp
+        elif f is not None:
+            root_part, os_id, fstab = f
+            for fs in layout.filesystems:
+                mp = "/" if fs.partition == root_part else _mountpoint_of(fs, layout, fstab)
+                if mp is not None:
+                    mountpoints[fs.partition] = mp
+        if mountpoints:
+            layout = replace(layout, filesystems=tuple(replace(fs, mountpoint=mountpoints.get(fs.partition))
+                                                       for fs in layout.filesystems))
         findings = _findings(session, disk, layout, os_id)
         if any(pv.startswith(disk.device) for pv in pvs):
             findings.append(Finding("lvm", "the disk holds LVM physical volumes (LVM is not supported yet)"))

@@ -1,0 +1,192 @@
+"""Identify a Linux root filesystem without ``inspect_os``.
+
+libguestfs' ``inspect_os`` examines every filesystem of every disk (Augeas,
+running ``file`` on binaries, ...): under TCG it costs several seconds per
+disk, more than reading the whole file list.  vmshare shares Linux guests
+only, and reads what it needs with a few cheap calls on a read-only mount:
+
+* a root is a filesystem with a directory ``/etc``, a ``/bin`` and a
+  regular file ``/etc/fstab`` (the rule libguestfs applies);
+* ``os-release`` gives the distro, version and product name; on Debian
+  ``/etc/debian_version`` gives the point release (as libguestfs does);
+* the architecture is the ELF machine of ``/bin/ls`` (or another binary);
+* ``/etc/fstab`` gives the other filesystems' mountpoints.
+
+Guest symlinks are resolved inside the guest filesystem, never on the host
+or in the appliance's own tree (design rule 3.8).  When a filesystem does
+not look like a Linux root the caller falls back to ``inspect_os``.
+"""
+
+from __future__ import annotations
+
+import stat
+
+
+# os-release ID -> the distro name libguestfs reports
+DISTROS = {
+    "arch": "archlinux", "alpine": "alpinelinux", "ol": "oraclelinux", "kali": "kalilinux",
+    "opensuse": "opensuse", "opensuse-leap": "opensuse", "opensuse-tumbleweed": "opensuse",
+    "sles": "sles", "sled": "sles", "void": "voidlinux", "altlinux": "altlinux",
+}
+PACKAGE_FORMATS = {
+    "debian": "deb", "ubuntu": "deb", "linuxmint": "deb", "kalilinux": "deb",
+    "fedora": "rpm", "rhel": "rpm", "centos": "rpm", "rocky": "rpm", "almalinux": "rpm",
+    "oraclelinux": "rpm", "opensuse": "rpm", "sles": "rpm", "altlinux": "rpm", "mageia": "rpm",
+    "archlinux": "pacman", "alpinelinux": "apk", "voidlinux": "xbps",
+}
+ELF_MACHINES = {0x3E: "x86_64", 0x03: "i386", 0xB7: "aarch64", 0x28: "arm", 0xF3: "riscv64", 0x16: "s390x",
+                0x15: "ppc64"}
+BINARIES = ("/bin/ls", "/bin/sh", "/bin/bash", "/usr/bin/ls", "/bin/busybox")
+MAX_HOPS = 40
+
+
+def resolve(g, mountpoint: str, path: str) -> str | None:
+    """The appliance path of guest ``path`` with symlinks followed inside the guest fs, or None."""
+    parts = [p for p in path.split("/") if p]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        full = mountpoint + "/" + "/".join(done + [name])
+        try:
+            st = g.lstatns(full)
+        except RuntimeError:
+            return None
+        if stat.S_ISLNK(st["st_mode"]):
+            hops += 1
+            if hops > MAX_HOPS:
+                return None
+            try:
+                target = g.readlink(full)
+            except (RuntimeError, UnicodeDecodeError):
+                return None
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p] + parts
+        else:
+            done.append(name)
+    return mountpoint + ("/" + "/".join(done) if done else "")
+
+
+def _kind(g, path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        mode = g.lstatns(path)["st_mode"]
+    except RuntimeError:
+        return None
+    return "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else "?"
+
+
+def _read(g, mountpoint: str, path: str, limit: int = 65536) -> bytes | None:
+    real = resolve(g, mountpoint, path)
+    if _kind(g, real) != "f":
+        return None
+    try:
+        return bytes(g.pread(real, limit, 0))
+    except RuntimeError:
+        return None
+
+
+def parse_os_release(data: bytes) -> dict[str, str]:
+    out = {}
+    for line in data.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def _version(text: str) -> tuple[int, int] | None:
+    parts = text.strip().split(".")
+    try:
+        major = int(parts[0])
+    except ValueError:
+        return None
+    try:
+        minor = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        minor = 0
+    return major, minor
+
+
+def elf_arch(head: bytes) -> str | None:
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    little = head[5] == 1
+    machine = int.from_bytes(head[18:20], "little" if little else "big")
+    arch = ELF_MACHINES.get(machine)
+    if arch == "ppc64" and little:
+        return "ppc64le"
+    if arch == "x86_64" and head[4] == 1:
+        return "i386"
+    return arch
+
+
+def parse_fstab(data: bytes) -> list[tuple[str, str]]:
+    """(spec, mountpoint) pairs of ``/etc/fstab``."""
+    out = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#"):
+            out.append((fields[0], fields[1].replace("\\040", " ")))
+    return out
+
+
+UNKNOWN = "unknown"
+
+
+def identify(g, mountpoint: str):
+    """``(OsIdentity, fstab pairs)`` of a mounted Linux root; None when the filesystem is
+    not a root; :data:`UNKNOWN` when it looks like one this reader does not understand
+    (the caller then asks ``inspect_os``)."""
+    from .inspect import OsIdentity
+
+    if _kind(g, resolve(g, mountpoint, "/etc")) != "d" or resolve(g, mountpoint, "/bin") is None:
+        return None
+    fstab = _read(g, mountpoint, "/etc/fstab")
+    if fstab is None:
+        return None
+    identity = _identify(g, mountpoint)
+    if identity is None:
+        return UNKNOWN
+    return OsIdentity(*identity), parse_fstab(fstab)
+
+
+def _identify(g, mountpoint: str) -> tuple | None:
+    release = _read(g, mountpoint, "/etc/os-release") or _read(g, mountpoint, "/usr/lib/os-release")
+    if release is None:
+        return None
+    info = parse_os_release(release)
+    distro = DISTROS.get(info.get("ID", ""), info.get("ID", ""))
+    if not distro:
+        return None
+    product = info.get("PRETTY_NAME", "")
+    version = _version(info.get("VERSION_ID", ""))
+    if distro == "debian":
+        dv = _read(g, mountpoint, "/etc/debian_version", 256)
+        if dv is not None:
+            text = dv.decode("utf-8", "replace").strip()
+            if _version(text) is not None:
+                version, product = _version(text), text
+    if version is None:
+        return None
+    arch = None
+    for binary in BINARIES:
+        head = _read(g, mountpoint, binary, 64)
+        if head is not None and (arch := elf_arch(head)):
+            break
+    if arch is None:
+        return None
+    return ("linux", distro, product, version[0], version[1], arch, PACKAGE_FORMATS.get(distro, "unknown"))
