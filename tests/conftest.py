@@ -146,28 +146,42 @@ def _running(name: str) -> bool:
     return subprocess.run(["pgrep", "-x", name], capture_output=True).returncode == 0
 
 
+def _ensure_libvirtd() -> None:
+    """Start virtlogd/libvirtd when they are not running; fail (never skip) if they do not answer."""
+    if _libvirtd_answers():
+        return
+    for daemon in ("virtlogd", "libvirtd"):
+        if not _running(daemon):
+            result = subprocess.run([daemon, "-d"], capture_output=True, text=True)
+            if result.returncode != 0:
+                pytest.fail(f"cannot start {daemon}: {result.stderr.strip()} (run scripts/setup.sh as root)")
+    deadline = time.monotonic() + 30
+    while not _libvirtd_answers():
+        if time.monotonic() > deadline:
+            pytest.fail(f"libvirtd does not answer on {LIBVIRT_URI} after 30 s (run scripts/setup.sh as root)")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def libvirtd() -> str:
-    """Make sure libvirtd (and virtlogd) run and answer; returns the URI.  Never skips."""
-    if not _libvirtd_answers():
-        for daemon in ("virtlogd", "libvirtd"):
-            if not _running(daemon):
-                result = subprocess.run([daemon, "-d"], capture_output=True, text=True)
-                if result.returncode != 0:
-                    pytest.fail(f"cannot start {daemon}: {result.stderr.strip()} (run scripts/setup.sh as root)")
-        deadline = time.monotonic() + 30
-        while not _libvirtd_answers():
-            if time.monotonic() > deadline:
-                pytest.fail(f"libvirtd does not answer on {LIBVIRT_URI} after 30 s (run scripts/setup.sh as root)")
-            time.sleep(0.5)
+    """Make sure libvirtd (and virtlogd) run and answer; returns the URI.  Never skips.
+
+    Some tests restart libvirtd: open connections per test (see ``libvirt_conn``)
+    rather than holding one for the session.
+    """
+    _ensure_libvirtd()
     return LIBVIRT_URI
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def libvirt_conn(libvirtd):
-    """An open libvirt connection to the running daemon."""
+    """A fresh libvirt connection for one test (survives earlier libvirtd restarts)."""
     from vmshare_libvirt.testbed import libvirt_xml
 
+    _ensure_libvirtd()
     conn = libvirt_xml.open_connection(libvirtd)
     yield conn
-    conn.close()
+    try:
+        conn.close()
+    except Exception:  # the daemon may have been restarted under us; nothing to release
+        pass
