@@ -130,12 +130,44 @@ def _validate(data: Any, schema: dict[str, Any], path: str) -> dict[str, Any]:
     return out
 
 
+def _tagged_key_path(yaml, text: str) -> str | None:
+    """The key path of the first value carrying a tag safe_load refuses (composing builds no objects)."""
+    safe_prefix = "tag:yaml.org,2002:"
+    plain = {safe_prefix + t for t in ("str", "int", "float", "bool", "null", "map", "seq", "timestamp", "binary")}
+
+    def walk(node, path):
+        if node.tag not in plain:
+            return path
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                found = walk(value, f"{path}.{key.value}" if path else str(key.value))
+                if found is not None:
+                    return found
+        elif isinstance(node, yaml.SequenceNode):
+            for i, value in enumerate(node.value):
+                found = walk(value, f"{path}[{i}]")
+                if found is not None:
+                    return found
+        return None
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    return walk(root, "") if root is not None else None
+
+
 def parse(text: str, source: Path | None = None) -> Config:
     """Parse and validate configuration text."""
     import yaml  # imported here: the hook must not pay for it
 
     try:
         data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        where = _tagged_key_path(yaml, text)
+        problem = (exc.problem or "unsupported value").strip()
+        raise ConfigError(f"{where or 'top level'}: {problem} (only plain YAML values are allowed)",
+                          target=str(source or "config")) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", target=str(source or "config")) from exc
     try:

@@ -51,12 +51,10 @@ def test_schema_errors_name_the_key_path(text, where):
     "auto_enroll:\n  include: !!python/object:os.system {}\n",
 ])
 def test_python_tags_are_rejected(text):
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="only plain YAML values are allowed"):
         config.parse(text)
 
 
-@pytest.mark.xfail(strict=True, reason="config.parse reports YAML constructor errors without the key path "
-                                        "(RELIABILITY 28); config.py belongs to another module owner")
 def test_python_tag_error_names_the_key_path():
     with pytest.raises(ConfigError) as err:
         config.parse("auto_enroll:\n  include: !!python/object:os.system {}\n")
