@@ -59,7 +59,10 @@ def rollback_operation(store, op_id: int, conn=None, reason: str = "") -> str:
         elif step.name == "publish-base":
             _undo_publish(store, data, op_id)
         elif step.name in ("create-base-file", "build-base"):
-            remove_quietly(data["path"])
+            # build-base's "done" record replaces its data with the group name: the build
+            # file it worked on is then removed by the create-base-file step before it
+            if data.get("path"):
+                remove_quietly(data["path"])
         elif step.name == "create-overlay":
             remove_quietly(data["path"])
         elif step.name == "build-overlays":
