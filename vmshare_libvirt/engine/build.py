@@ -112,6 +112,51 @@ def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Filesys
     return digests
 
 
+def journal_extents(g, dev: str) -> list[tuple[int, int]] | None:
+    """Byte ranges (offset, length) of an ext3/4 internal journal, from the superblock's backup
+    of the journal inode's block map; None when it cannot be read that way."""
+    sb = g.pread_device(dev, 1024, 1024)
+    if len(sb) < 1024 or int.from_bytes(sb[56:58], "little") != 0xEF53:
+        return None
+    block = 1024 << int.from_bytes(sb[24:28], "little")
+    if int.from_bytes(sb[0xE0:0xE4], "little") != 8 or sb[0xFD] != 1:
+        return None  # no internal journal, or no backup of its block map
+    iblock = sb[0x10C:0x10C + 60]
+    if int.from_bytes(iblock[0:2], "little") != 0xF30A or int.from_bytes(iblock[6:8], "little") != 0:
+        return None  # not a single-level extent map
+    out = []
+    for i in range(int.from_bytes(iblock[2:4], "little")):
+        ext = iblock[12 + 12 * i: 24 + 12 * i]
+        length = int.from_bytes(ext[4:6], "little")
+        length = length - 32768 if length > 32768 else length
+        start = (int.from_bytes(ext[6:8], "little") << 32) | int.from_bytes(ext[8:12], "little")
+        out.append((start * block, length * block))
+    return out
+
+
+def clear_journal_log(g, dev: str) -> int:
+    """Zero the log blocks of a cleanly unmounted journal (its first block, the journal superblock,
+    stays): what building the base logged there is stale and would only cost space."""
+    extents = journal_extents(g, dev)
+    if not extents:
+        return 0
+    sb_block = 1024 << int.from_bytes(g.pread_device(dev, 4, 1024 + 24), "little")
+    cleared = 0
+    first = True
+    chunk = 1 << 20
+    zeros = "\0" * chunk
+    for offset, length in sorted(extents):
+        if first:  # keep the journal superblock
+            offset, length, first = offset + sb_block, length - sb_block, False
+        done = 0
+        while done < length:
+            n = min(chunk, length - done)
+            g.pwrite_device(dev, zeros if n == chunk else "\0" * n, offset + done)
+            done += n
+        cleared += length
+    return cleared
+
+
 # -- overlays ------------------------------------------------------------------------------------
 
 def _raw_regions(layout: DiskLayout) -> list[tuple[int, int]]:

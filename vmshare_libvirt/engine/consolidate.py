@@ -41,6 +41,8 @@ NEW_SUFFIX = ".vmshare-new"
 ORIG_SUFFIX = ".vmshare-orig"
 # Small clusters keep the copy-up cost of metadata changes in overlays small (measured: see bench/).
 OVERLAY_CLUSTER_SIZE = 4096
+# Bases hold files and their metadata packed tightly; small clusters waste little around metadata blocks.
+BASE_CLUSTER_SIZE = 4096
 # Host-side blockers that consolidation fixes itself instead of refusing.
 FIXABLE = ("empty-backingstore",)
 
@@ -232,6 +234,7 @@ class Consolidation:
                     donor = gp.members[0]
                     build.fill_base(session, dev, fc, survey.reader(donor, part), donor.manifests[part], work)
                     session.g.e2fsck_f(dev)
+                    build.clear_journal_log(session.g, dev)
             survey.close()
         except BaseException:
             survey.abort()
@@ -253,7 +256,7 @@ class Consolidation:
         seq = self._intent("publish-base", {"generation": gen.id, "path": final, "tmp": tmp, "build": build_path})
         self.progress(f"publishing base {final}")
         basemanifest.save(basemanifest.manifest_path(final), gp.common, base_layout, base_uuids)
-        qemu_img.convert(build_path, "qcow2", tmp, "qcow2", cache="writeback")
+        qemu_img.convert(build_path, "qcow2", tmp, "qcow2", cache="writeback", cluster_size=BASE_CLUSTER_SIZE)
         fsync_file(tmp)
         os.chmod(tmp, fingerprint.BASE_MODE)
         durable_rename(tmp, final)
