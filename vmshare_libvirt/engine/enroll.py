@@ -131,6 +131,13 @@ def _enroll_locked(cfg, conn, store, domain, group, progress) -> EnrollOutcome:
         _queue_once(store, "resync", None, {"group": gname, "enroll": domain}, None)
         return EnrollOutcome(domain, "queued", gname,
                              f"lacks {missing} entries of the group's base; queued for the group's next resync")
+    minimum = cfg.auto_enroll.min_saving_bytes
+    if minimum:
+        gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
+        saving = t.allocated_bytes - gp.predicted_overlay_bytes(t)
+        if saving < minimum:
+            return EnrollOutcome(domain, "skipped", gname,
+                                 f"predicted saving {saving} bytes is below auto_enroll.min_saving_bytes ({minimum})")
     verify_bases(store, gname)
     return _build_and_switch(cfg, conn, store, t, fmt, gname, gen, common, base_layout, uuids, progress)
 
