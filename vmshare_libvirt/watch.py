@@ -630,7 +630,8 @@ class Watcher:
         return ran
 
     def _run_job(self, job) -> Done:
-        name = job.domain
+        # a job may wait for one domain (a running group member) to enroll another
+        name = job.params.get("enroll") or job.domain
         if name is None or self._lookup(name) is None:
             self.store.finish_job(job.id, "failed", "the domain is no longer defined")
             return self._note(Done(name or "-", "failed", "the domain is no longer defined", job.id))

@@ -38,6 +38,7 @@ from .files import (check_free_space, copy_ownership, crashpoint, durable_link, 
 log = logging.getLogger(__name__)
 
 NEW_SUFFIX = ".vmshare-new"
+PREV_SUFFIX = ".vmshare-prev"  # a member's replaced overlay, during a regroup's switch
 ORIG_SUFFIX = ".vmshare-orig"
 # Small clusters keep the copy-up cost of metadata changes in overlays small (measured: see bench/).
 OVERLAY_CLUSTER_SIZE = 4096
@@ -85,6 +86,7 @@ class Consolidation:
         self.store = store
         self.progress = progress
         self.op_id: int | None = None
+        self.existing: dict[str, object] = {}  # disk path -> member record, in a regroup
         self.uri = conn.getURI()
 
     def _domain(self, name: str):
@@ -111,21 +113,37 @@ class Consolidation:
 
     # -- the operation --------------------------------------------------------------------
 
-    def run(self, domains: list[str], group: str | None, dry_run: bool) -> Outcome:
-        from .. import domains as dommod
+    def run(self, domains: list[str], group: str | None, dry_run: bool, *, regroup: bool = False) -> Outcome:
+        """Consolidate ``domains``.  With ``regroup``, ``group`` is an existing group: every one of
+        its members is rebuilt together with the new ``domains`` on a new base generation
+        built from the common set of them all (the way in for a domain that lacks base entries)."""
         from ..targets import resolve
 
         outcome = Outcome(group=group or "")
+        if regroup:
+            current = self.store.members(group_name=group)
+            if not current:
+                raise BlockedError("no such group, or it has no members", target=group)
+            self.existing = {m.disk_path: m for m in current}
+            domains = [m.domain for m in current] + [d for d in domains if d not in {m.domain for m in current}]
         resolved = resolve(domains, lambda: self.conn)
+        bases = {g.path for g in self.store.generations(group_name=group)} if regroup else set()
         members: list[Target] = []
         for t in resolved.targets:
             existing = self.store.get_member(t.disk_path)
-            if existing is not None:
+            if existing is not None and not regroup:
                 if group and existing.group_name != group:
                     raise BlockedError(f"already a member of group {existing.group_name}", target=t.name)
                 outcome.already.append(t.name)
                 outcome.group = existing.group_name
                 continue
+            if existing is not None and existing.group_name != group:
+                raise BlockedError(f"already a member of group {existing.group_name}", target=t.name)
+            if existing is not None:
+                chain_base = qemu_img.info(t.disk_path, "qcow2", force_share=True).full_backing_filename
+                if chain_base not in bases:
+                    raise BlockedError(f"its overlay is not on a base of group {group}", target=t.name)
+                t.blockers = [(c, m) for c, m in t.blockers if c != "has-backing"]
             hard = [(c, m) for c, m in t.blockers if c not in FIXABLE]
             if hard:
                 raise BlockedError("; ".join(m for _, m in hard), target=t.name,
@@ -216,7 +234,7 @@ class Consolidation:
                                    + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
             gp = plan.groups[0]
             name = group or default_group_name(gp.members[0])
-            if self.store.get_group(name) is not None and self.store.members(group_name=name):
+            if not self.existing and self.store.get_group(name) is not None and self.store.members(group_name=name):
                 raise BlockedError(f"group {name} already exists", hint="use 'vmshare enroll' or another --group name")
             outcome.group = name
             base_t = next(t for t in gp.members if t.name == gp.base_layout_of)
@@ -296,6 +314,10 @@ class Consolidation:
             raise BlockedError("no member could be switched: " + "; ".join(f"{d}: {r}" for d, r in outcome.skipped))
         self.store.finish_operation(self.op_id, "done")
         self.store.clear_busy(self.op_id)
+        if self.existing:
+            from .members import collect_unused_bases
+
+            collect_unused_bases(self.store, self.conn)
         return outcome
 
     def _verify_overlay(self, new: str, base: str) -> None:
@@ -360,20 +382,30 @@ class Consolidation:
         if not self.store.begin_switch(self.op_id, t.disk_path):
             remove_quietly(new)
             return "the domain was started meanwhile"
-        orig = t.disk_path + ORIG_SUFFIX
-        seq = self._intent("switch", {"disk": t.disk_path, "new": new, "orig": orig, "domain": t.name})
+        member = self.existing.get(t.disk_path)
+        orig = t.disk_path + (PREV_SUFFIX if member else ORIG_SUFFIX)
+        data = {"disk": t.disk_path, "new": new, "orig": orig, "domain": t.name}
+        if member:
+            data.update(previous_generation=member.generation_id, original=member.original_path)
+        seq = self._intent("switch", data)
         copy_ownership(t.disk_path, new)
         remove_quietly(orig)
         durable_link(t.disk_path, orig)
         crashpoint("switch:linked")
         durable_rename(new, t.disk_path)
         crashpoint("switch:renamed")
-        self.store.add_member(t.name, t.disk_path, group, gen_id, orig, spec.allocated)
+        if member:
+            # its original (if not committed) stays the way back; the replaced overlay goes
+            self.store.move_member(t.disk_path, gen_id, member.original_path)
+        else:
+            self.store.add_member(t.name, t.disk_path, group, gen_id, orig, spec.allocated)
         if any(c == "empty-backingstore" for c, _ in t.blockers):
             for d in dommod.os_disks(dom):
                 if d.source == t.disk_path and d.empty_backing_store:
                     dommod.remove_empty_backing_store(self.conn, dom, d.target_dev)
         self._done(seq, "switch")
+        if member:
+            remove_quietly(orig)
         self.store.clear_busy(self.op_id, t.disk_path)
         return None
 

@@ -128,9 +128,7 @@ def _enroll_locked(cfg, conn, store, domain, group, progress) -> EnrollOutcome:
         survey.abort()
         raise
     if missing:
-        _queue_once(store, "resync", None, {"group": gname, "enroll": domain}, None)
-        return EnrollOutcome(domain, "queued", gname,
-                             f"lacks {missing} entries of the group's base; queued for the group's next resync")
+        return _regroup_or_queue(cfg, conn, store, domain, gname, missing, progress)
     minimum = cfg.auto_enroll.min_saving_bytes
     if minimum:
         gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
@@ -140,6 +138,31 @@ def _enroll_locked(cfg, conn, store, domain, group, progress) -> EnrollOutcome:
                                  f"predicted saving {saving} bytes is below auto_enroll.min_saving_bytes ({minimum})")
     verify_bases(store, gname)
     return _build_and_switch(cfg, conn, store, t, fmt, gname, gen, common, base_layout, uuids, progress)
+
+
+def _regroup_or_queue(cfg, conn, store, domain: str, gname: str, missing: int, progress) -> EnrollOutcome:
+    """A base may only hold what every member has: build a new generation for the whole group
+    now if every member is offline, else wait for the first running member to stop."""
+    from .. import domains as dommod
+    from ..libvirt_conn import lookup
+
+    busy_member = None
+    for m in store.members(group_name=gname):
+        blockers = dommod.offline_blockers(conn, lookup(conn, m.domain), [m.disk_path])
+        if [b for b in blockers if b.code not in FIXABLE + ("has-backing",)]:
+            busy_member = m.domain
+            break
+    if busy_member is not None:
+        _queue_once(store, "enroll", busy_member, {"group": gname, "enroll": domain}, "domain-stopped")
+        return EnrollOutcome(domain, "queued", gname,
+                             f"lacks {missing} entries of the group's base; a new generation is built for the "
+                             f"group once {busy_member} (running) stops")
+    progress(f"{domain} lacks {missing} entries of the base of {gname}: building a new generation for the group")
+    outcome = Consolidation(cfg, conn, store, progress).run([domain], gname, False, regroup=True)
+    if domain not in outcome.switched:
+        reason = "; ".join(f"{d}: {r}" for d, r in outcome.skipped) or "not switched"
+        return EnrollOutcome(domain, "skipped", gname, reason)
+    return EnrollOutcome(domain, "enrolled", gname, f"new base generation {outcome.generation_id} built for the group")
 
 
 def _find_group(store, t: Target, os_info: dict, wanted: str | None):

@@ -26,7 +26,11 @@ def _undo_switch(store, data: dict) -> None:
             fsync_dir(os.path.dirname(orig))
         else:
             durable_rename(orig, disk)  # put the original back over the half-switched overlay
-    if store.get_member(disk) is not None:
+    if "previous_generation" in data:
+        # a regroup: the member stays, on its previous overlay and generation
+        if store.get_member(disk) is not None:
+            store.move_member(disk, data["previous_generation"], data.get("original"))
+    elif store.get_member(disk) is not None:
         store.remove_member(disk)
     remove_quietly(new)
 
@@ -54,6 +58,8 @@ def rollback_operation(store, op_id: int, conn=None, reason: str = "") -> str:
         if step.name == "switch":
             if step.state == "done":
                 kept_switches += 1
+                if "previous_generation" in data and not same_inode(data["disk"], data["orig"]):
+                    remove_quietly(data["orig"])  # the regroup's replaced overlay
                 continue
             _undo_switch(store, data)
         elif step.name == "publish-base":
