@@ -44,6 +44,8 @@ ORIG_SUFFIX = ".vmshare-orig"
 OVERLAY_CLUSTER_SIZE = 4096
 # Bases hold files and their metadata packed tightly; small clusters waste little around metadata blocks.
 BASE_CLUSTER_SIZE = 4096
+# Below this much free space after a failure, the failure is reported as "no space left".
+FULL_FREE_BYTES = 8 * 1024 * 1024
 # Host-side blockers that consolidation fixes itself instead of refusing.
 FIXABLE = ("empty-backingstore",)
 
@@ -178,13 +180,32 @@ class Consolidation:
             log.debug("consolidation failed: %s", exc)
             if isinstance(exc, KeyboardInterrupt) or not isinstance(exc, Exception):
                 raise
+            full = self._full_filesystems(members)  # measured before the rollback frees the space
             rollback_operation(self.store, self.op_id, self.conn, reason=str(exc))
+            if full:
+                raise OperationError(
+                    f"consolidation failed: no space left in {', '.join(full)} ({exc.__class__.__name__})",
+                    hint="free some space and run again; every original disk is untouched and temporary "
+                         "files were removed") from exc
             if isinstance(exc, VmshareError):
                 exc.hint = (exc.hint + "; " if exc.hint else "") + "every original disk is untouched and temporary files were removed"
                 raise
             lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
             raise OperationError(f"consolidation failed: {lines[-1] if lines else type(exc).__name__}",
                                  hint="every original disk is untouched and temporary files were removed") from exc
+
+    def _full_filesystems(self, members) -> list[str]:
+        """Directories written by this operation whose filesystem is (nearly) full."""
+        import shutil
+
+        full = []
+        for d in {str(self.cfg.store_dir)} | {os.path.dirname(t.disk_path) for t in members}:
+            try:
+                if shutil.disk_usage(d).free < FULL_FREE_BYTES:
+                    full.append(d)
+            except OSError:
+                continue
+        return sorted(full)
 
     def _dry_run(self, members, formats, group, min_size, outcome: Outcome) -> Outcome:
         from ..survey import survey
