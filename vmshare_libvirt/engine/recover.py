@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 
+from ..store.base import _pid_alive
 from .basemanifest import manifest_path
 from .files import durable_rename, fsync_dir, remove_quietly, same_inode
 
@@ -99,18 +100,8 @@ def recover(store, conn=None) -> list[tuple[int, str, str]]:
     """Roll back every unfinished operation of a dead process; returns (op id, kind, final state)."""
     done = []
     for op in store.unfinished_operations():
-        if op.pid and op.pid != os.getpid() and _alive(op.pid):
+        if op.pid and op.pid != os.getpid() and _pid_alive(op.pid):
             continue  # still running in another process (which holds the lock)
         state = rollback_operation(store, op.id, conn, reason="recovered after an interruption")
         done.append((op.id, op.kind, state))
     return done
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

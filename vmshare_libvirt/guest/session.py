@@ -109,19 +109,13 @@ class GuestSession:
 
     def close(self) -> None:
         """Shut the appliance down, raising if it reports an error (lost writes)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self.launched:
-                self.g.shutdown()
-        except RuntimeError as exc:
-            raise GuestError(f"the appliance reported an error at shutdown: {exc}") from exc
-        finally:
-            self.g.close()
+        self._shutdown(raise_errors=True)
 
     def abort(self) -> None:
         """Close after a failure: errors at shutdown are logged, the first error stays the one reported."""
+        self._shutdown(raise_errors=False)
+
+    def _shutdown(self, *, raise_errors: bool) -> None:
         if self._closed:
             return
         self._closed = True
@@ -129,6 +123,8 @@ class GuestSession:
             if self.launched:
                 self.g.shutdown()
         except RuntimeError as exc:
+            if raise_errors:
+                raise GuestError(f"the appliance reported an error at shutdown: {exc}") from exc
             log.warning("appliance shutdown after a failure: %s", exc)
         finally:
             self.g.close()
