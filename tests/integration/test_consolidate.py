@@ -1,0 +1,582 @@
+"""`vmshare consolidate` on real disks and domains (issue 3), checked independently.
+
+Expensive things happen once per module: the pristine disks (one appliance
+launch, cached across runs), the consolidation of the main group (two
+launches), one read-only launch reading every view back.  The crash tests use
+the smallest guests and copy them fresh per case; only the crash points past
+the base build cost appliance launches.
+
+The checks do not rely on vmshare's own verification: views are compared
+through ``tar_out`` listings (and vmshare's reader, as a second opinion), raw
+disk areas through their digests, images through ``qemu-img``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _consolidate_helpers as ch  # noqa: E402
+
+from vmshare_libvirt import fingerprint  # noqa: E402
+
+pytestmark = [pytest.mark.integration, pytest.mark.libvirt]
+
+MAIN = ("a", "b", "c")
+CRASH = ("x", "y")
+GROUP = "cons-main"
+PRIVATE_PATHS = {b"home/alice", b"home/alice/secret.txt", b"srv/b-only", b"srv/b-only/data.txt",
+                 b"var/lib/c-private", b"opt/ab-only.txt", b"usr/share/cons/typediff", b"etc/hostname",
+                 b"etc/fstab", b"etc/motd"}
+
+
+@pytest.fixture(scope="module")
+def lv(libvirtd):
+    return ch.Libvirt(libvirtd)
+
+
+@pytest.fixture(scope="module")
+def disks():
+    return ch.build_disks()
+
+
+@pytest.fixture(scope="module")
+def rundir():
+    path = ch.IMAGE_ROOT / f"run-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def scratch():
+    path = ch.workdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+RUN = uuid.uuid4().hex[:4]  # domain names per run: other people's runs of this file may overlap
+
+
+def _domain(key: str) -> str:
+    return f"{ch.DOMAIN_PREFIX}{RUN}-{key}"
+
+
+# ====================================================================== the main group
+
+
+@pytest.fixture(scope="module")
+def group(disks, rundir, lv):
+    """a, b, c copied, defined, dry-run, then consolidated once for the whole module."""
+    work = rundir / "main"
+    ns = SimpleNamespace(work=work, disk={}, name={}, xml={}, owner={}, sha={}, before={})
+    for key in MAIN:
+        ns.disk[key] = ch.copy_disk(disks.pristine[key], work / f"{key}.qcow2")
+        ns.name[key] = lv.define(_domain(key), ns.disk[key])
+        ns.sha[key] = disks.sha[key]
+    # unusual owner and mode on two disk files: the overlays must carry them over
+    os.chown(ns.disk["a"], 1234, 4321)
+    os.chmod(ns.disk["a"], 0o640)
+    os.chmod(ns.disk["c"], 0o600)
+    for key in MAIN:
+        ns.xml[key] = lv.inactive_xml(ns.name[key])
+        ns.owner[key] = ch.owner_mode(ns.disk[key])
+        ns.before[key] = ch.identity(ns.disk[key])
+    ns.orig_allocated = {k: ch.allocated(ns.disk[k]) for k in MAIN}
+    ns.store = ch.Store("main")
+    names = [ns.name[k] for k in MAIN]
+    try:
+        started = time.monotonic()
+        ns.dry = ns.store.vmshare("consolidate", *names, "--group", GROUP, "--dry-run", "--json")
+        ns.dry_seconds = time.monotonic() - started
+        ns.after_dry = {k: ch.identity(ns.disk[k]) for k in MAIN}
+        ns.files_after_dry = sorted(p.name for p in work.iterdir())
+        ns.bases_after_dry = ns.store.base_files()
+        ns.status_after_dry = ns.store.status()
+
+        started = time.monotonic()
+        ns.result = ns.store.vmshare("consolidate", *names, "--group", GROUP, "--json")
+        ns.seconds = time.monotonic() - started
+        assert ns.result.returncode == 0, ns.result.stderr
+        ns.out = json.loads(ns.result.stdout)
+        ns.base = Path(ns.out["base"])
+        ns.base_sha = ch.sha256_file(ns.base)
+        ns.base_owner = ch.owner_mode(ns.base)
+        ns.base_quick = fingerprint.quick(ns.base)
+        yield ns
+    finally:
+        for key in MAIN:
+            ch.run(["virsh", "destroy", ns.name[key]], check=False)
+        for key in MAIN:
+            lv.undefine(ns.name[key])
+        ns.store.cleanup()
+
+
+@pytest.fixture(scope="module")
+def views(group, scratch):
+    """Every consolidated disk, its kept original and the base, read in ONE read-only appliance."""
+    images = {}
+    for key in MAIN:
+        images[f"{key}-new"] = group.disk[key]
+        images[f"{key}-orig"] = Path(f"{group.disk[key]}.vmshare-orig")
+    images["base"] = group.base
+    started = time.monotonic()
+    got = ch.read_views(images, scratch)
+    got["seconds"] = time.monotonic() - started
+    return got
+
+
+def test_dry_run_changes_nothing(group):
+    assert group.dry.returncode == 0, group.dry.stderr
+    out = json.loads(group.dry.stdout)
+    assert out["dry_run"] is True and out["group"] == GROUP
+    assert len(out["steps"]) >= 3 + len(MAIN) and any("publish" in s for s in out["steps"])
+    assert out["plan"]["groups"][0]["members"] == [group.name[k] for k in MAIN]
+    assert out["switched"] == [] and out["base"] is None
+    assert group.after_dry == group.before, "a dry run touched a disk file"
+    assert group.files_after_dry == sorted(f"{k}.qcow2" for k in MAIN)
+    assert group.bases_after_dry == []
+    assert group.status_after_dry == {"groups": []}
+
+
+def test_consolidate_switches_every_member(group):
+    out = group.out
+    assert out["group"] == GROUP and out["dry_run"] is False
+    assert out["switched"] == [group.name[k] for k in MAIN]
+    assert out["skipped"] == [] and out["already_members"] == []
+    assert group.base.is_relative_to(group.store.dir / "bases")
+    # every disk path is now a fresh file: the original was renamed aside, never rewritten
+    for key in MAIN:
+        orig = Path(f"{group.disk[key]}.vmshare-orig")
+        assert ch.identity(orig)[:4] == group.before[key][:4], f"{key}: the kept original is not the untouched file"
+        assert ch.sha256_file(orig) == group.sha[key]
+    assert sorted(p.name for p in group.work.iterdir()) == sorted(
+        [f"{k}.qcow2" for k in MAIN] + [f"{k}.qcow2.vmshare-orig" for k in MAIN])
+    assert group.store.stray_files() == []
+
+
+def test_disks_are_qcow2_overlays_with_absolute_backing(group):
+    for key in MAIN:
+        info = ch.qemu_info(group.disk[key])
+        assert info["format"] == "qcow2"
+        assert info["backing-filename"] == str(group.base), "the backing path must be absolute"
+        assert os.path.isabs(info["backing-filename"])
+        assert info["full-backing-filename"] == str(group.base)
+        assert info["backing-filename-format"] == "qcow2"
+        assert info["virtual-size"] == ch.qemu_info(f"{group.disk[key]}.vmshare-orig")["virtual-size"]
+        check = ch.qemu_check(group.disk[key])
+        assert check.returncode == 0, check.stdout + check.stderr
+    check = ch.qemu_check(group.base)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "backing-filename" not in ch.qemu_info(group.base)
+
+
+def test_base_is_read_only_in_the_store(group):
+    uid, gid, mode = group.base_owner
+    assert mode == 0o444
+    assert group.base.parent.parent == group.store.dir / "bases"
+    assert {p.name for p in group.store.base_files()} == {group.base.name, group.base.name.replace(".qcow2", ".manifest.json.gz")}
+    # smaller than the sum of what the members held: it carries the common set once, laid out for the smallest
+    assert ch.qemu_info(group.base)["virtual-size"] == min(ch.qemu_info(f"{group.disk[k]}.vmshare-orig")["virtual-size"]
+                                                          for k in MAIN)
+
+
+def test_private_markers_never_reach_the_base(group, scratch):
+    markers = [ch.MARKERS[k] for k in MAIN]
+    found = ch.raw_contains(group.base, markers, scratch)
+    assert not any(found.values()), f"private data in the raw base: {[m for m, f in found.items() if f]}"
+    # the search works: each member's own marker is visible through its overlay chain
+    found = ch.raw_contains(group.disk["a"], markers, scratch)
+    assert found == {ch.MARKERS["a"]: True, ch.MARKERS["b"]: False, ch.MARKERS["c"]: False}
+
+
+def test_overlays_carry_metadata_differences_not_data(group):
+    """b and c differ from the base only in metadata of 2 MiB files: their overlays must not copy them."""
+    for key in MAIN:
+        size = ch.allocated(group.disk[key])
+        assert size < 2 * ch.MiB, f"{key}: overlay holds {size} bytes: shared data was copied"
+    total = ch.allocated(group.base) + sum(ch.allocated(group.disk[k]) for k in MAIN)
+    assert total < 0.6 * sum(group.orig_allocated.values())
+
+
+@pytest.mark.parametrize("key", MAIN)
+def test_view_equals_the_original(views, key):
+    new, orig = views[f"{key}-new"], views[f"{key}-orig"]
+    assert new.layout == orig.layout, "partition table, disk id, boot areas or filesystem identity changed"
+    for part in orig.tar:
+        diffs = ch.tar_differences(orig.tar[part], new.tar[part])
+        assert not diffs, f"partition {part} (tar_out listing): {diffs}"
+        assert len(orig.tar[part]) > 50
+        diffs = orig.manifest[part].differences(new.manifest[part])
+        assert not diffs, f"partition {part} (vmshare manifest): {diffs}"
+
+
+def test_original_layout_is_what_was_built(views):
+    """Guard for the comparison above: the three members really differ in size but share the start."""
+    sizes = {k: views[f"{k}-orig"].layout["size"] for k in MAIN}
+    assert sizes == {"a": 300 * ch.MiB, "b": 400 * ch.MiB, "c": 352 * ch.MiB}
+    assert {views[f"{k}-orig"].layout["partitions"][0][1] for k in MAIN} == {2048 * 512}
+    uuids = {views[f"{k}-orig"].layout["filesystems"][1]["uuid"] for k in MAIN}
+    assert len(uuids) == 3
+    labels = [views[f"{k}-new"].layout["filesystems"][1]["label"] for k in MAIN]
+    assert labels == ["cons-a", "cons-b", ""]
+
+
+def test_base_holds_only_the_common_set(views):
+    base = views["base"].tar[1]
+    members = [views[f"{k}-orig"].tar[1] for k in MAIN]
+    paths = set(base) - {b"#hardlink-groups"}
+    assert not paths & PRIVATE_PATHS, f"private entries in the base: {paths & PRIVATE_PATHS}"
+    for path in paths:
+        if path == b"" or base[path][0] in (b"5",):  # directories: metadata may be any member's
+            assert all(path in m for m in members), path
+            continue
+        # the content is every member's (type, link target, device numbers, digest, size)
+        content = lambda e: (e[0], e[5], e[6], e[7], e[9], e[10])
+        assert all(path in m and content(m[path]) == content(base[path]) for m in members), path
+    for name in ("meta-mtime.bin", "meta-owner.bin", "meta-mode.bin", "meta-xattr.bin", "data.bin",
+                 "new\nline", "odd\ndir/inside", "null", "sda", "abs-link", "empty-dir"):
+        assert f"usr/share/cons/{name}".encode() in paths, f"{name} was not shared"
+
+
+def test_file_owner_and_mode_carried_over(group):
+    for key in MAIN:
+        assert ch.owner_mode(group.disk[key]) == group.owner[key], key
+    assert ch.owner_mode(group.disk["a"]) == (1234, 4321, 0o640)
+
+
+def test_domain_xml_unchanged(group, lv):
+    for key in MAIN:
+        assert lv.inactive_xml(group.name[key]) == group.xml[key], key
+
+
+def test_status_json(group):
+    data = group.store.status()
+    [g] = data["groups"]
+    assert g["name"] == GROUP
+    [gen] = g["generations"]
+    assert gen["id"] == group.out["generation"] and gen["path"] == str(group.base)
+    assert gen["allocated_bytes"] == ch.allocated(group.base)
+    assert sorted(gen["members"]) == sorted(group.name.values())
+    members = {m["domain"]: m for m in g["members"]}
+    assert set(members) == set(group.name.values())
+    for key in MAIN:
+        m = members[group.name[key]]
+        assert m["disk"] == str(group.disk[key]) and m["overlay_path"] == str(group.disk[key])
+        assert m["generation"] == gen["id"]
+        assert m["allocated_bytes"] == ch.allocated(group.disk[key])
+    assert g["allocated_bytes"] == gen["allocated_bytes"] + sum(m["allocated_bytes"] for m in members.values())
+    assert g["original_bytes"] > g["allocated_bytes"]
+    assert g["saved_bytes"] == g["original_bytes"] - g["allocated_bytes"]
+    text = group.store.vmshare("status")
+    assert text.returncode == 0 and GROUP in text.stdout
+
+
+def test_consolidate_again_does_nothing(group):
+    before = {k: ch.identity(group.disk[k]) for k in MAIN}
+    base_before = ch.identity(group.base)
+    for extra in ([], ["--group", GROUP]):
+        r = group.store.vmshare("consolidate", *group.name.values(), *extra, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["switched"] == [] and sorted(out["already_members"]) == sorted(group.name.values())
+        assert out["group"] == GROUP
+    assert {k: ch.identity(group.disk[k]) for k in MAIN} == before
+    assert ch.identity(group.base) == base_before
+    r = group.store.vmshare("consolidate", *group.name.values())
+    assert r.returncode == 0 and "Nothing to do" in r.stdout
+
+
+def test_consolidated_domain_starts(group, lv):
+    """QEMU opens the chain (the synthetic disk has no boot loader: the guest idles in the BIOS)."""
+    dom = lv.domain(group.name["b"])
+    dom.create()
+    try:
+        time.sleep(3)
+        assert dom.isActive()
+        import libvirt
+
+        state, _ = dom.state()
+        assert state == libvirt.VIR_DOMAIN_RUNNING
+        live = dom.XMLDesc(0)
+        assert str(group.base) in live, "libvirt did not see the backing chain"
+        # while it runs, vmshare refuses to touch it
+        r = group.store.vmshare("rollback", group.name["b"])
+        assert r.returncode != 0 and "running" in r.stderr
+    finally:
+        dom.destroy()
+    assert Path(f"{group.disk['b']}.vmshare-orig").exists()
+    # libvirt chowns backing files to its QEMU user and leaves them so; mode and content must hold
+    assert ch.owner_mode(group.base)[2] == 0o444
+    assert ch.sha256_file(group.base) == group.base_sha
+    assert fingerprint.verify_quick(group.base, group.base_quick) is None
+    assert ch.qemu_check(group.disk["b"]).returncode == 0
+
+
+def test_rollback_one_member_keeps_the_base(group, lv):
+    r = group.store.vmshare("rollback", group.name["a"])
+    assert r.returncode == 0, r.stderr
+    assert ch.sha256_file(group.disk["a"]) == group.sha["a"]
+    assert ch.identity(group.disk["a"])[:4] == group.before["a"][:4]  # the very file it was
+    assert ch.owner_mode(group.disk["a"]) == (1234, 4321, 0o640)
+    assert not Path(f"{group.disk['a']}.vmshare-orig").exists()
+    assert group.base.exists(), "the base is still used by b and c"
+    [g] = group.store.status()["groups"]
+    assert sorted(m["domain"] for m in g["members"]) == [group.name["b"], group.name["c"]]
+    assert lv.inactive_xml(group.name["a"]) == group.xml["a"]
+
+
+def test_commit_deletes_the_kept_original(group):
+    orig = Path(f"{group.disk['c']}.vmshare-orig")
+    assert orig.exists()
+    r = group.store.vmshare("commit", group.name["c"])
+    assert r.returncode == 0, r.stderr
+    assert not orig.exists()
+    assert ch.qemu_check(group.disk["c"]).returncode == 0
+    [g] = group.store.status()["groups"]
+    assert group.name["c"] in [m["domain"] for m in g["members"]]
+    # a committed member has nothing to roll back to: refused, nothing changed
+    before = ch.identity(group.disk["c"])
+    r = group.store.vmshare("rollback", group.name["c"])
+    assert r.returncode != 0 and "committed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert ch.identity(group.disk["c"]) == before
+
+
+def test_rollback_the_rest(group):
+    r = group.store.vmshare("rollback", group.name["b"])
+    assert r.returncode == 0, r.stderr
+    assert ch.sha256_file(group.disk["b"]) == group.sha["b"]
+    assert group.base.exists(), "c (committed) still uses the base"
+    assert ch.sha256_file(group.base) == group.base_sha
+
+
+# ====================================================================== safety
+
+
+@pytest.fixture(scope="module")
+def crash_names(lv):
+    names = {k: _domain(f"crash-{k}") for k in CRASH}
+    yield names
+    for name in names.values():
+        lv.undefine(name)
+
+
+def _fresh_pair(disks, rundir, lv, names, case: str) -> SimpleNamespace:
+    work = rundir / case
+    ns = SimpleNamespace(work=work, disk={}, name=names, sha=disks.sha)
+    for key in CRASH:
+        ns.disk[key] = ch.copy_disk(disks.pristine[key], work / f"{key}.qcow2")
+        lv.define(names[key], ns.disk[key])
+    ns.store = ch.Store(case.replace(":", "-"))
+    return ns
+
+
+def _assert_untouched(ns, key: str) -> None:
+    disk = ns.disk[key]
+    assert ch.sha256_file(disk) == ns.sha[key], f"{key}: disk content changed"
+    assert "backing-filename" not in ch.qemu_info(disk)
+
+
+@pytest.mark.parametrize("point", ch.CRASH_POINTS)
+def test_kill_at_every_step_then_recover(disks, rundir, lv, crash_names, scratch, point):
+    ns = _fresh_pair(disks, rundir, lv, crash_names, f"crash-{point}")
+    try:
+        names = [ns.name[k] for k in CRASH]
+        r = ns.store.vmshare("consolidate", *names, VMSHARE_CRASHPOINT=point)
+        assert r.returncode == -signal.SIGKILL, f"did not die at {point}: rc {r.returncode}: {r.stderr}"
+
+        rec = ns.store.vmshare("recover")
+        assert rec.returncode == 0, rec.stderr
+        assert "rolled_back" in rec.stdout or "done" in rec.stdout, rec.stdout
+        again = ns.store.vmshare("recover")
+        assert again.returncode == 0 and "Nothing to recover" in again.stdout
+
+        consolidated = [k for k in CRASH if "backing-filename" in ch.qemu_info(ns.disk[k])]
+        # Only a completed switch survives recovery: that member's overlay was verified before it.
+        assert consolidated == (["x"] if point == "switch:done" else []), consolidated
+        for key in CRASH:
+            if key not in consolidated:
+                _assert_untouched(ns, key)
+        status = ns.store.status()
+        assert ns.store.stray_files() == []
+        if not consolidated:
+            assert ch.disk_leftovers(ns.work) == [], "temporary or backup files left next to the disks"
+            assert status == {"groups": []}
+            assert ns.store.base_files() == []
+            return
+        # fully consolidated member: chain, store and view agree
+        [g] = status["groups"]
+        assert [m["domain"] for m in g["members"]] == [ns.name["x"]]
+        [gen] = g["generations"]
+        base = Path(gen["path"])
+        assert ch.owner_mode(base)[2] == 0o444
+        assert {p.name for p in ns.store.base_files()} == {base.name, base.name.replace(".qcow2", ".manifest.json.gz")}
+        assert ch.qemu_info(ns.disk["x"])["backing-filename"] == str(base)
+        assert ch.qemu_check(ns.disk["x"]).returncode == 0
+        assert ch.disk_leftovers(ns.work) == [Path(f"{ns.disk['x']}.vmshare-orig")]
+        assert ch.sha256_file(f"{ns.disk['x']}.vmshare-orig") == ns.sha["x"]
+        got = ch.read_views({"new": ns.disk["x"], "orig": Path(f"{ns.disk['x']}.vmshare-orig")}, scratch,
+                            manifests=False)
+        assert got["new"].layout == got["orig"].layout
+        assert not ch.tar_differences(got["orig"].tar[1], got["new"].tar[1])
+        assert not any(ch.raw_contains(base, [ch.MARKERS["x"]], scratch).values())
+        # and a rollback afterwards restores x and removes the now unused base
+        rb = ns.store.vmshare("rollback", ns.name["x"])
+        assert rb.returncode == 0, rb.stderr
+        _assert_untouched(ns, "x")
+        assert ns.store.base_files() == [] and ns.store.status() == {"groups": []}
+        assert ch.disk_leftovers(ns.work) == []
+    finally:
+        ns.store.cleanup()
+        shutil.rmtree(ns.work, ignore_errors=True)
+
+
+def test_running_and_managed_saved_domains_are_refused(disks, rundir, lv, crash_names):
+    ns = _fresh_pair(disks, rundir, lv, crash_names, "running")
+    dom = lv.domain(ns.name["x"])
+    names = [ns.name[k] for k in CRASH]
+    try:
+        dom.create()
+        time.sleep(2)
+        before = {k: ch.identity(ns.disk[k]) for k in CRASH}
+        r = ns.store.vmshare("consolidate", *names)
+        assert r.returncode != 0
+        assert "running" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert {k: ch.identity(ns.disk[k]) for k in CRASH} == before, "a disk file was touched"
+        assert ch.disk_leftovers(ns.work) == [] and ns.store.base_files() == []
+        assert ns.store.status() == {"groups": []}
+
+        dom.managedSave(0)
+        assert not dom.isActive() and dom.hasManagedSaveImage(0)
+        before = {k: ch.identity(ns.disk[k]) for k in CRASH}
+        r = ns.store.vmshare("consolidate", *names)
+        assert r.returncode != 0
+        assert "save" in r.stderr.lower() and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert {k: ch.identity(ns.disk[k]) for k in CRASH} == before
+        assert ch.disk_leftovers(ns.work) == [] and ns.store.base_files() == []
+        for key in CRASH:
+            _assert_untouched(ns, key)
+    finally:
+        if dom.hasManagedSaveImage(0):
+            dom.managedSaveRemove(0)
+        if dom.isActive():
+            dom.destroy()
+        ns.store.cleanup()
+        shutil.rmtree(ns.work, ignore_errors=True)
+
+
+def _full_pair(disks, rundir, lv, case: str) -> SimpleNamespace:
+    """f1/f2 as compressed qcow2 (small files) whose common set (20 MiB) is large."""
+    work = rundir / case
+    ns = SimpleNamespace(work=work, disk={}, name={}, sha={})
+    for key in ("f1", "f2"):
+        ns.disk[key] = ch.copy_disk(disks.pristine[key], work / f"{key}.qcow2", compress=True)
+        ns.sha[key] = ch.sha256_file(ns.disk[key])
+        ns.name[key] = lv.define(_domain(f"{case}-{key}"), ns.disk[key])
+    ns.mount = ch.STORE_PARENT / f"vmshare-test-cons-{case}-{uuid.uuid4().hex[:6]}"
+    return ns
+
+
+def _drop_full_pair(ns, lv) -> None:
+    for name in ns.name.values():
+        lv.undefine(name)
+    ch.unmount(ns.mount)
+    shutil.rmtree(ns.mount, ignore_errors=True)
+    Path(f"{ns.mount}.yaml").unlink(missing_ok=True)
+    shutil.rmtree(ns.work, ignore_errors=True)
+
+
+def _assert_full_pair_untouched(ns, store) -> None:
+    for key in ns.disk:
+        assert ch.sha256_file(ns.disk[key]) == ns.sha[key]
+    assert ch.disk_leftovers(ns.work) == []
+    assert store.stray_files() == [] and store.base_files() == []
+    assert store.status() == {"groups": []}
+
+
+def test_store_without_room_is_refused_up_front(disks, rundir, lv):
+    ns = _full_pair(disks, rundir, lv, "noroom")
+    try:
+        ch.make_tmpfs(ns.mount, 256 * 1024)
+        store = ch.Store("noroom", directory=ns.mount)
+        r = store.vmshare("consolidate", *ns.name.values())
+        assert r.returncode != 0
+        assert "space" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        _assert_full_pair_untouched(ns, store)
+    finally:
+        _drop_full_pair(ns, lv)
+
+
+@pytest.fixture(scope="module")
+def disk_full(disks, rundir, lv):
+    """Consolidation into a store that passes the up-front space check but cannot hold the base."""
+    ns = _full_pair(disks, rundir, lv, "full")
+    try:
+        compressed = sum(ch.allocated(p) for p in ns.disk.values())
+        room = compressed + 4 * ch.MiB
+        assert room < len(ch.COMPRESSIBLE) // 2, f"compressed disks too large ({compressed}) for this test"
+        ch.make_tmpfs(ns.mount, room)
+        ns.store = ch.Store("full", directory=ns.mount)
+        ns.result = ns.store.vmshare("consolidate", *ns.name.values(), timeout=600)
+        yield ns
+    finally:
+        _drop_full_pair(ns, lv)
+
+
+def test_disk_full_during_the_build_aborts_cleanly(disk_full):
+    r = disk_full.result
+    assert r.returncode not in (0, -signal.SIGKILL), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "untouched" in r.stderr
+    _assert_full_pair_untouched(disk_full, disk_full.store)
+
+
+@pytest.mark.xfail(strict=False, reason="depending on where ENOSPC hits, the engine reports libguestfs' "
+                                        "'file receive cancelled by daemon' instead of the store being full")
+def test_disk_full_message_names_the_cause(disk_full):
+    message = disk_full.result.stderr.strip()
+    assert "space" in message.lower() or "full" in message.lower(), message
+
+
+# ====================================================================== boot
+
+
+@pytest.mark.slow
+def test_consolidated_bootable_guests_still_boot(rundir, lv, scratch):
+    from vmshare_libvirt.testbed import bootable
+
+    work = rundir / "boot"
+    work.mkdir()
+    first = bootable.build(work / "boot-a.qcow2", size_mb=160, hostname="boot-a")
+    # a clone grown to a larger disk (the partition and filesystem keep their size)
+    second = ch.copy_disk(first, work / "boot-b.qcow2")
+    ch.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(second), "192M"])
+    names = {"a": _domain("boot-a"), "b": _domain("boot-b")}
+    for key, disk in (("a", first), ("b", second)):
+        lv.define(names[key], disk)
+    store = ch.Store("boot")
+    try:
+        r = store.vmshare("consolidate", *names.values(), "--group", "boot", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["switched"] == list(names.values())
+        for key, disk in (("a", first), ("b", second)):
+            lv.undefine(names[key])
+            log = work / f"serial-{key}.log"
+            started = time.monotonic()
+            text = bootable.boot_and_wait(lv(), names[key], disk, log, timeout=300)
+            assert bootable.BOOT_MARKER in text, (
+                f"{key} did not boot after consolidation ({time.monotonic() - started:.0f} s); serial log tail:\n{text[-2000:]}")
+    finally:
+        for name in names.values():
+            lv.undefine(name)
+        store.cleanup()
