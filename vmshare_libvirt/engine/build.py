@@ -28,6 +28,7 @@ from .tarstream import ContentSource, write_archive
 log = logging.getLogger(__name__)
 
 SECTOR = 512
+EXT_BOOT_BLOCK = 1024  # ext2/3/4 leave the first 1 KiB of the filesystem to boot loaders
 # ext* features mke2fs may turn on by default; the ones a member lacks are turned off explicitly.
 KNOWN_EXT_FEATURES = (
     "64bit", "casefold", "dir_index", "dir_nlink", "ea_inode", "encrypt", "ext_attr", "extent", "extra_isize",
@@ -106,6 +107,8 @@ def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Filesys
         # mkfs made lost+found; the base may hold only what every member has
         if b"lost+found" not in fc.paths and g.is_dir(f"{mp}/lost+found"):
             g.rmdir(f"{mp}/lost+found")
+        # tar does not restore the attributes of the directory it extracts into
+        apply_metadata(g, mp, fc.base_entries[b""])
         g.sync()
     finally:
         g.umount(mp)
@@ -169,6 +172,9 @@ def _raw_regions(layout: DiskLayout) -> list[tuple[int, int]]:
             regions.append((pos, p.start - pos))
         if p.number not in shared:
             regions.append((p.start, p.size))
+        else:
+            # the ext* boot block (before the superblock): a partition boot record lives there
+            regions.append((p.start, EXT_BOOT_BLOCK))
         pos = max(pos, p.start + p.size)
     if layout.virtual_size > pos:
         regions.append((pos, layout.virtual_size - pos))
@@ -232,6 +238,13 @@ def split_delta(member: Manifest, fc: FsCommon, private: list[bytes], metadata: 
     return through_tar, api_fix
 
 
+def apply_metadata(g, where: str, e: Entry) -> None:
+    """Owner, mode and mtime of a directory or file through the API (owner first: chown clears set-id bits)."""
+    g.lchown(e.uid, e.gid, where)
+    g.chmod(e.mode, where)
+    set_times(g, where, e.mtime_ns)
+
+
 def set_times(g, where: str, mtime_ns: int) -> None:
     """Set mtime (and atime, which manifests do not track, to the same value) without following links."""
     sec, ns = divmod(mtime_ns, 1_000_000_000)
@@ -274,6 +287,8 @@ def apply_delta(session: GuestSession, dev: str, member: Manifest, fc: FsCommon,
             pe = member.entries[parent]
             where = mp if not parent else f"{mp}/{parent.decode()}"
             set_times(g, where, pe.mtime_ns)
+        # tar does not restore the attributes of the directory it extracts into
+        apply_metadata(g, mp, member.entries[b""])
         g.sync()
     finally:
         g.umount(mp)
