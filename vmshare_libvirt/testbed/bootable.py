@@ -1,12 +1,21 @@
 """A tiny guest that really boots: proves a disk (or a rebuilt overlay) still starts.
 
-Layout: MBR (syslinux ``mbr.bin``), one bootable ext4 partition from sector
-2048 holding the host's kernel and initramfs-tools initrd in ``/boot``,
-``extlinux``, a static busybox and an ``/sbin/init`` script that prints
-:data:`BOOT_MARKER` on the serial console (``ttyS0``) and powers off.  The
-host initrd (``MODULES=most``) finds the root filesystem by UUID, so the
-marker appears only if boot loader, kernel, initrd *and* the root
-filesystem all work.
+Layout: MBR, one bootable ext4 partition from sector 2048 holding the host's
+kernel and initramfs-tools initrd in ``/boot``, a static busybox and an
+``/sbin/init`` script that prints :data:`BOOT_MARKER` on the serial console
+(``ttyS0``) and powers off.  The host initrd (``MODULES=most``) finds the root
+filesystem by UUID, so the marker appears only if boot loader, kernel, initrd
+*and* the root filesystem all work.
+
+Two boot loaders:
+
+* :func:`build` -- syslinux ``mbr.bin`` + ``extlinux``.  extlinux records the
+  physical sectors of ``ldlinux.sys`` in the partition boot record, so a disk
+  rebuilt at the file level (files at new blocks) can no longer boot.
+* :func:`build_grub` -- GRUB (i386-pc) like a real Debian guest: ``boot.img``
+  in the MBR, ``core.img`` in the gap before the partition (sectors 1..2047),
+  which reads ``/boot/grub`` through its ext2 driver by path.  This one
+  survives a file-level rebuild.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import process
 from . import close_appliance, create_qcow2, open_appliance, partition_and_format
 from .synthetic import Entry, directory, file, symlink, write_tar
 
@@ -24,6 +34,12 @@ log = logging.getLogger(__name__)
 
 BOOT_MARKER = "VMSHARE-BOOT-OK"
 MBR_BIN = Path("/usr/lib/syslinux/mbr/mbr.bin")
+GRUB_PC_DIR = Path("/usr/lib/grub/i386-pc")  # Debian package grub-pc-bin
+# Built into core.img, so that the boot needs nothing from /boot/grub but grub.cfg.
+GRUB_CORE_MODULES = ("biosdisk", "part_msdos", "ext2", "normal", "linux", "configfile",
+                     "echo", "serial", "terminal", "test", "search", "boot")
+GRUB_PREFIX = "(hd0,msdos1)/boot/grub"
+MBR_GAP_SECTORS = 2047  # sectors 1..2047, before the partition at 2048
 BUSYBOX = Path("/bin/busybox")
 
 # The marker is split in the script so that only running it (not printing the
@@ -67,6 +83,85 @@ def _extlinux_conf(uuid: str) -> str:
         f"  APPEND root=UUID={uuid} ro console=ttyS0,115200 panic=5 loglevel=4",
         "",
     ])
+
+
+def _grub_cfg(uuid: str) -> str:
+    return "\n".join([
+        "serial --unit=0 --speed=115200",
+        "terminal_input serial",
+        "terminal_output serial",
+        "set timeout=0",
+        "echo 'vmshare: grub loading linux'",
+        f"linux /boot/vmlinuz root=UUID={uuid} ro console=ttyS0,115200 panic=5 loglevel=4",
+        "initrd /boot/initrd.img",
+        "boot",
+        "",
+    ])
+
+
+def _grub_modules() -> list[Entry]:
+    """``/boot/grub/i386-pc`` as ``grub-install`` would leave it (modules, lists)."""
+    entries: list[Entry] = [directory("boot/grub"), directory("boot/grub/i386-pc")]
+    for path in sorted(GRUB_PC_DIR.iterdir()):
+        if path.is_file() and path.suffix in (".mod", ".lst", ".o"):
+            entries.append(file(f"boot/grub/i386-pc/{path.name}", path.read_bytes()))
+    return entries
+
+
+def grub_images(work: Path) -> tuple[Path, Path]:
+    """``boot.img`` (its 440 code bytes) and a ``core.img`` for sector 1, both written under ``work``.
+
+    The images need no patching: boot.img loads its "kernel sector" 1 by
+    default, and the blocklist grub-mkimage leaves in diskboot.img starts at
+    sector 2 with the length of the rest of core.img -- exactly where core.img
+    sits when written from sector 1 (what ``grub-bios-setup`` does on an
+    msdos disk with an MBR gap).
+    """
+    if not (GRUB_PC_DIR / "boot.img").exists():
+        raise FileNotFoundError(f"{GRUB_PC_DIR}/boot.img missing (apt-get install grub-pc-bin)")
+    core = work / "core.img"
+    process.run(["grub-mkimage", "-O", "i386-pc", "-d", str(GRUB_PC_DIR), "-p", GRUB_PREFIX,
+                 "-o", str(core), *GRUB_CORE_MODULES])
+    sectors = -(-core.stat().st_size // 512)
+    if sectors > MBR_GAP_SECTORS:
+        raise RuntimeError(f"core.img is {sectors} sectors: does not fit the MBR gap")
+    boot = work / "boot.img"
+    # 440 bytes: stop before the disk signature and the partition table.
+    boot.write_bytes((GRUB_PC_DIR / "boot.img").read_bytes()[:440])
+    return boot, core
+
+
+def build_grub(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
+    """Build a bootable qcow2 at ``out_path`` that boots with GRUB (one appliance launch)."""
+    started = time.monotonic()
+    out_path = create_qcow2(out_path, size_mb)
+    kernel, initrd = host_kernel()
+    work = Path(tempfile.mkdtemp(prefix="vmshare-boot-"))
+    try:
+        boot_img, core_img = grub_images(work)
+        tar = write_tar(_tree(hostname) + _grub_modules(), work / "tree.tar")
+        g = open_appliance([out_path])
+        try:
+            device = g.list_devices()[0]
+            partition = partition_and_format(g, device, table="mbr", fs="ext4")
+            g.part_set_bootable(device, 1, True)
+            g.mount(partition, "/")
+            g.tar_in(str(tar), "/")
+            g.upload(str(kernel), "/boot/vmlinuz")
+            g.upload(str(initrd), "/boot/initrd.img")
+            uuid = g.vfs_uuid(partition)
+            g.write("/etc/fstab", f"UUID={uuid} / ext4 ro 0 1\n")
+            g.write("/boot/grub/grub.cfg", _grub_cfg(uuid))
+            g.umount_all()
+            # Raw bytes go through files: the binding would encode a str buffer as UTF-8.
+            g.upload_offset(str(boot_img), device, 0)
+            g.upload_offset(str(core_img), device, 512)
+        finally:
+            close_appliance(g)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("built GRUB-bootable disk %s in %.1f s", out_path, time.monotonic() - started)
+    return out_path
 
 
 def build(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
