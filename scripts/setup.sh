@@ -12,7 +12,7 @@ PACKAGES=(
     qemu-utils libguestfs-tools python3-guestfs python3-libvirt
     libvirt-daemon-system libvirt-clients qemu-system-x86 debootstrap
     python3-venv python3-yaml linux-image-amd64 busybox-static
-    extlinux syslinux-common cpio
+    extlinux syslinux-common cpio grub-pc-bin
 )
 
 if [[ $(id -u) -ne 0 ]]; then
