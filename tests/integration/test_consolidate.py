@@ -553,14 +553,21 @@ def test_disk_full_message_names_the_cause(disk_full):
 
 @pytest.mark.slow
 def test_consolidated_bootable_guests_still_boot(rundir, lv, scratch):
-    from vmshare_libvirt.testbed import bootable
+    """GRUB guests (core.img in the MBR gap, /boot/grub read by path) boot from their overlays.
+
+    (extlinux could not: it records the physical sectors of ldlinux.sys.)
+    """
+    from vmshare_libvirt.testbed import bootable, debian
+    from vmshare_libvirt.testbed.synthetic import file
 
     work = rundir / "boot"
     work.mkdir()
-    first = bootable.build(work / "boot-a.qcow2", size_mb=160, hostname="boot-a")
-    # a clone grown to a larger disk (the partition and filesystem keep their size)
+    first = bootable.build_grub(work / "boot-a.qcow2", size_mb=160, hostname="boot-a")
+    # a clone grown to a larger disk (the partition and filesystem keep their size),
+    # with one private file so that the pair really differs
     second = ch.copy_disk(first, work / "boot-b.qcow2")
     ch.run(["qemu-img", "resize", "-q", "-f", "qcow2", str(second), "192M"])
+    debian.add_files(second, [file("srv/boot-b-only.txt", "only in boot-b\n")])
     names = {"a": _domain("boot-a"), "b": _domain("boot-b")}
     for key, disk in (("a", first), ("b", second)):
         lv.define(names[key], disk)
