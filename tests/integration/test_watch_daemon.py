@@ -165,3 +165,34 @@ def test_define_then_start_race_leaves_the_guest_on_its_original_disk(env):
             assert watcher.log().count(f"{name}: ") > before
     finally:
         conn.close()
+
+
+def test_defined_domains_are_paired_then_enrolled(env):
+    """The whole automatic path on real disks: the first Debian-like domain is remembered, the
+    second matches it and the two are consolidated into a new group, the third joins that group."""
+    from vmshare_libvirt.testbed import synthetic
+
+    watcher, domains = env["watcher"], env["domains"]
+    shared = [synthetic.file(f"usr/share/vmshare-watch/{i}.txt", f"shared file {i}\n" * 200) for i in range(20)]
+    labels = ("auto-a", "auto-b", "auto-c")
+    synthetic.build([synthetic.SyntheticDisk(domains.dir / f"{label}.qcow2", extra=shared + [
+        synthetic.file(f"srv/{label}.txt", f"private to {label}\n")]) for label in labels])
+    expected = {"auto-a": "remembered", "auto-b": "consolidated", "auto-c": "enrolled"}
+    names = {}
+    for label in labels:
+        name, disk = domains.define(label)
+        names[label] = (name, disk)
+        what = wait_for(lambda: watcher.outcome(name), 4 * ENGINE_TIMEOUT, f"the watcher to handle {name}")
+        assert what == expected[label], watcher.log()[-3000:]
+    st = store(env)
+    try:
+        members = {m.domain: m for m in st.members()}
+        for label in labels:
+            name, disk = names[label]
+            assert name in members, f"{name} is not a member"
+            info = qemu_img.info(disk, "qcow2")
+            assert info.backing_format == "qcow2" and os.path.isabs(info.backing_filename)
+            assert os.path.exists(disk + ".vmshare-orig")  # the original is kept until commit
+        assert len({m.group_name for m in members.values()}) == 1
+    finally:
+        st.close()
