@@ -409,6 +409,12 @@ class Consolidation:
         if member:
             data.update(previous_generation=member.generation_id, original=member.original_path)
         seq = self._intent("switch", data)
+        # An explicit empty <backingStore/> would hide the base from the guest: drop it first
+        # (harmless for the original, which has no backing file either).
+        if any(c == "empty-backingstore" for c, _ in t.blockers):
+            for d in dommod.os_disks(dom):
+                if d.source == t.disk_path and d.empty_backing_store:
+                    dommod.remove_empty_backing_store(self.conn, dom, d.target_dev)
         copy_ownership(t.disk_path, new)
         remove_quietly(orig)
         durable_link(t.disk_path, orig)
@@ -420,10 +426,6 @@ class Consolidation:
             self.store.move_member(t.disk_path, gen_id, member.original_path)
         else:
             self.store.add_member(t.name, t.disk_path, group, gen_id, orig, spec.allocated)
-        if any(c == "empty-backingstore" for c, _ in t.blockers):
-            for d in dommod.os_disks(dom):
-                if d.source == t.disk_path and d.empty_backing_store:
-                    dommod.remove_empty_backing_store(self.conn, dom, d.target_dev)
         self._done(seq, "switch")
         if member:
             remove_quietly(orig)
