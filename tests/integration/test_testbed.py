@@ -190,14 +190,15 @@ def test_domain_xml_defines_a_tcg_domain(libvirt_conn, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.libvirt
-def test_bootable_guest_prints_marker_under_libvirt_tcg(libvirt_conn):
+@pytest.mark.parametrize("loader", ["extlinux", "grub"])
+def test_bootable_guest_prints_marker_under_libvirt_tcg(libvirt_conn, loader):
     # Images live where the QEMU user can read them (pytest's tmp dirs are 0700).
     directory = Path("/var/lib/libvirt/images/vmshare-tests")
     directory.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     disk, serial = directory / f"boot-{tag}.qcow2", directory / f"boot-{tag}.log"
     try:
-        bootable.build(disk)
+        (bootable.build if loader == "extlinux" else bootable.build_grub)(disk)
         started = time.monotonic()
         log = bootable.boot_and_wait(libvirt_conn, f"vmshare-test-boot-{tag}", disk, serial, timeout=300)
         elapsed = time.monotonic() - started
