@@ -577,6 +577,7 @@ def test_consolidated_bootable_guests_still_boot(rundir, lv, scratch):
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["switched"] == list(names.values())
         for key, disk in (("a", first), ("b", second)):
+            assert "backing-filename" in ch.qemu_info(disk), f"{key}: the disk path is not an overlay"
             lv.undefine(names[key])
             log = work / f"serial-{key}.log"
             started = time.monotonic()
