@@ -541,8 +541,6 @@ def test_disk_full_during_the_build_aborts_cleanly(disk_full):
     _assert_full_pair_untouched(disk_full, disk_full.store)
 
 
-@pytest.mark.xfail(strict=False, reason="depending on where ENOSPC hits, the engine reports libguestfs' "
-                                        "'file receive cancelled by daemon' instead of the store being full")
 def test_disk_full_message_names_the_cause(disk_full):
     message = disk_full.result.stderr.strip()
     assert "space" in message.lower() or "full" in message.lower(), message
