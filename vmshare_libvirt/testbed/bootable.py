@@ -142,15 +142,7 @@ def build_grub(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshar
         tar = write_tar(_tree(hostname) + _grub_modules(), work / "tree.tar")
         g = open_appliance([out_path])
         try:
-            device = g.list_devices()[0]
-            partition = partition_and_format(g, device, table="mbr", fs="ext4")
-            g.part_set_bootable(device, 1, True)
-            g.mount(partition, "/")
-            g.tar_in(str(tar), "/")
-            g.upload(str(kernel), "/boot/vmlinuz")
-            g.upload(str(initrd), "/boot/initrd.img")
-            uuid = g.vfs_uuid(partition)
-            g.write("/etc/fstab", f"UUID={uuid} / ext4 ro 0 1\n")
+            device, uuid = _install_tree(g, tar, kernel, initrd)
             g.write("/boot/grub/grub.cfg", _grub_cfg(uuid))
             g.umount_all()
             # Raw bytes go through files: the binding would encode a str buffer as UTF-8.
@@ -164,6 +156,22 @@ def build_grub(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshar
     return out_path
 
 
+def _install_tree(g, tar: Path, kernel: Path, initrd: Path) -> tuple[str, str]:
+    """Partition (MBR, bootable) and format the disk, unpack the tree, kernel, initrd and fstab.
+
+    The root stays mounted at ``/``; returns the disk device and the root filesystem's UUID."""
+    device = g.list_devices()[0]
+    partition = partition_and_format(g, device, table="mbr", fs="ext4")
+    g.part_set_bootable(device, 1, True)
+    g.mount(partition, "/")
+    g.tar_in(str(tar), "/")
+    g.upload(str(kernel), "/boot/vmlinuz")
+    g.upload(str(initrd), "/boot/initrd.img")
+    uuid = g.vfs_uuid(partition)
+    g.write("/etc/fstab", f"UUID={uuid} / ext4 ro 0 1\n")
+    return device, uuid
+
+
 def build(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
     """Build the bootable qcow2 at ``out_path`` (one appliance launch, ~20 s)."""
     started = time.monotonic()
@@ -174,15 +182,7 @@ def build(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boo
         tar = write_tar(_tree(hostname), work / "tree.tar")
         g = open_appliance([out_path])
         try:
-            device = g.list_devices()[0]
-            partition = partition_and_format(g, device, table="mbr", fs="ext4")
-            g.part_set_bootable(device, 1, True)
-            g.mount(partition, "/")
-            g.tar_in(str(tar), "/")
-            g.upload(str(kernel), "/boot/vmlinuz")
-            g.upload(str(initrd), "/boot/initrd.img")
-            uuid = g.vfs_uuid(partition)
-            g.write("/etc/fstab", f"UUID={uuid} / ext4 ro 0 1\n")
+            device, uuid = _install_tree(g, tar, kernel, initrd)
             g.write("/boot/extlinux.conf", _extlinux_conf(uuid))
             g.extlinux("/boot")
             g.umount_all()
