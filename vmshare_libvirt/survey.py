@@ -18,7 +18,7 @@ from .config import ApplianceSettings
 from .guest.inspect import SUPPORTED_FS, inspect_disks
 from .guest.manifest import FilesystemReader
 from .guest.session import GuestSession
-from .plan import Exclusion, Plan, Target
+from .plan import Plan, Target
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ def survey(targets: list[Target], formats: dict[str, str], settings: ApplianceSe
     """A read-only survey: plan the targets and close the appliance."""
     usable = [t for t in targets if not t.blockers]
     if not usable:
-        groups, excluded = planmod.group_targets(targets)
-        return Plan([], excluded, targets)
+        return Plan([], planmod.group_targets(targets)[1], targets)
     s = Survey(settings, progress)
     try:
         s.open(targets, formats)
@@ -124,7 +123,3 @@ def survey(targets: list[Target], formats: dict[str, str], settings: ApplianceSe
         raise
     s.close()
     return result
-
-
-def exclusions_for(targets: list[Target]) -> list[Exclusion]:
-    return planmod.group_targets(targets)[1]

@@ -14,15 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import stat as stmod
-import tempfile
-from dataclasses import dataclass
 
 from ..errors import VerificationError
 from ..guest.entries import Entry, Manifest
 from ..guest.inspect import SUPPORTED_FS, DiskLayout, Filesystem
 from ..guest.manifest import FilesystemReader, is_api_path
-from ..guest.session import GuestSession, guestfs_error
-from ..plan import FsCommon, GroupPlan, Target
+from ..guest.session import GuestSession
+from ..plan import FsCommon
 from .tarstream import ContentSource, write_archive
 
 log = logging.getLogger(__name__)
@@ -47,11 +45,6 @@ def _features(fs: Filesystem) -> set[str]:
 
 def part_device(disk_dev: str, partition: int) -> str:
     return disk_dev + (str(partition) if partition else "")
-
-
-@dataclass
-class OverlayResult:
-    expected: dict[int, Manifest]
 
 
 # -- base ----------------------------------------------------------------------------------------

@@ -28,12 +28,11 @@ from .. import fingerprint, qemu_img
 from ..config import Config
 from ..errors import BlockedError, OperationError, VmshareError
 from ..guest.entries import Manifest
-from ..guest.inspect import SUPPORTED_FS
 from ..plan import GroupPlan, Target
 from ..survey import Survey
 from . import basemanifest, build
 from .files import (check_free_space, copy_ownership, crashpoint, durable_link, durable_rename, file_identity,
-                    fsync_dir, fsync_file, remove_quietly)
+                    fsync_file, remove_quietly)
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +228,7 @@ class Consolidation:
         return outcome
 
     def _run(self, members, formats, group, specs, vsizes, min_size, outcome: Outcome) -> Outcome:
-        from .. import domains as dommod
-
         started = time.monotonic()
-        provisional = group or "pending"
-        gen = None
         # 1. the base file, created before the appliance starts (disks cannot be added later)
         tmpdir_root = str(self.cfg.store_dir)
         os.makedirs(os.path.join(tmpdir_root, "bases"), mode=0o755, exist_ok=True)

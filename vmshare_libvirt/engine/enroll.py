@@ -23,7 +23,7 @@ from typing import Callable
 from .. import qemu_img
 from ..config import Config
 from ..errors import BlockedError, VmshareError
-from ..plan import GroupPlan, Target, digest_candidates, layout_problem, member_delta
+from ..plan import GroupPlan, Target, layout_problem, member_delta
 from ..survey import Survey
 from . import basemanifest
 from .consolidate import FIXABLE, NEW_SUFFIX, OVERLAY_CLUSTER_SIZE, Consolidation, MemberSpec

@@ -13,7 +13,6 @@ import hashlib
 import io
 import os
 import shutil
-import stat as stmod
 import tarfile
 import tempfile
 from typing import Callable, Iterable
@@ -138,7 +137,6 @@ def write_archive(out_path: str, entries: Iterable[Entry], source: ContentSource
             source.fetch(wanted, sink)
         count = 0
         with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
-            by_path = {e.path: e for e in entries}
             for e in entries:
                 if e.kind in "s?":
                     continue
@@ -161,14 +159,6 @@ def write_archive(out_path: str, entries: Iterable[Entry], source: ContentSource
                 else:
                     tf.addfile(ti)
                 count += 1
-            del by_path
         return count
     finally:
         shutil.rmtree(content_dir, ignore_errors=True)
-
-
-def is_socket(e: Entry) -> bool:
-    return e.kind == "s"
-
-
-S_IFSOCK = stmod.S_IFSOCK
