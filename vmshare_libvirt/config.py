@@ -29,6 +29,8 @@ SCHEMA: dict[str, Any] = {
         # e.g. ["force_tcg"] where nested KVM is broken; [] uses KVM when present.
         "backend_settings": (list, []),
         "memsize_mb": ((int, type(None)), None),
+        # Appliances run side by side when rebuilding several members; None: the host's CPU count, at most 4.
+        "parallel": ((int, type(None)), None),
     },
     "auto_enroll": {
         "enabled": (bool, True),
@@ -57,6 +59,11 @@ class ApplianceSettings:
     backend: str | None = None
     backend_settings: tuple[str, ...] = ()
     memsize_mb: int | None = None
+    parallel: int = 1  # appliances side by side (see _parallel for the configured default)
+
+
+def _parallel(value: int | None) -> int:
+    return value if value is not None else max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)
@@ -177,6 +184,8 @@ def parse(text: str, source: Path | None = None) -> Config:
         raise
     if values["auto_enroll"]["min_saving_bytes"] < 0:
         raise ConfigError("auto_enroll.min_saving_bytes: must not be negative", target=str(source or "config"))
+    if values["appliance"]["parallel"] is not None and values["appliance"]["parallel"] < 1:
+        raise ConfigError("appliance.parallel: must be at least 1", target=str(source or "config"))
     for key, value in values["watch"].items():
         if value < 1:
             raise ConfigError(f"watch.{key}: must be at least 1", target=str(source or "config"))
@@ -188,6 +197,7 @@ def parse(text: str, source: Path | None = None) -> Config:
             backend=values["appliance"]["backend"],
             backend_settings=tuple(values["appliance"]["backend_settings"]),
             memsize_mb=values["appliance"]["memsize_mb"],
+            parallel=_parallel(values["appliance"]["parallel"]),
         ),
         auto_enroll=AutoEnrollPolicy(
             enabled=values["auto_enroll"]["enabled"],

@@ -408,6 +408,23 @@ def compare(
     return done.returncode == 0
 
 
+# -------------------------------------------------------------------- rebase
+
+
+def rebase(path: str | os.PathLike[str], fmt: str, backing: str | os.PathLike[str], backing_fmt: str, *,
+           cache: str = "writeback") -> None:
+    """Safe-mode ``qemu-img rebase``: the image keeps its content on the new backing file
+    (qemu-img copies in every cluster where old and new backing differ).  Never run it on
+    a live disk path or a base (DESIGN.md 3.3): only on files vmshare is still building."""
+    target = _arg_path(path)
+    backing = os.fspath(backing)
+    if not os.path.isabs(backing):
+        raise ImageError(f"backing file {backing!r} is not an absolute path", target=target)
+    if cache not in FLUSHING_CACHE_MODES:
+        raise ImageError(f"cache mode {cache!r} does not flush the output", target=target)
+    _run(["rebase", "-q", "-f", fmt, "-t", cache, "-b", backing, "-F", backing_fmt, target], target)
+
+
 # ----------------------------------------------------------------------- map
 
 

@@ -1,24 +1,30 @@
-"""Disks -> inspections and manifests -> plan, in one appliance.
+"""Disks -> inspections and manifests -> plan.
 
-The survey attaches every usable target read-only to one libguestfs session,
-inspects them, reads the metadata of every shareable filesystem, digests only
-the files that can be common (same path, type and size in every member of a
-candidate group), and computes the plan.  The session stays open so that
-consolidation can keep using the same appliance.
+The survey attaches every usable target read-only to libguestfs sessions (up
+to ``appliance.parallel`` appliances working side by side, each on its share
+of the targets), inspects them, reads the metadata of every shareable
+filesystem, digests only the files that can be common (same path, type and
+size in every member of a candidate group), and computes the plan.  The
+sessions stay open so that consolidation can keep using them; disks it adds
+for writing go to the first (primary) session.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from . import parallel
 from . import plan as planmod
 from .config import ApplianceSettings
 from .guest.inspect import SUPPORTED_FS, inspect_disks
 from .guest.manifest import FilesystemReader
 from .guest.session import GuestSession
 from .plan import Plan, Target
+
+if TYPE_CHECKING:
+    from .engine.tarstream import Spool
 
 log = logging.getLogger(__name__)
 
@@ -27,41 +33,56 @@ class Survey:
     def __init__(self, settings: ApplianceSettings, progress: Callable[[str], None] | None = None):
         self.settings = settings
         self.progress = progress or (lambda _t: None)
-        self.session: GuestSession | None = None
+        self.session: GuestSession | None = None  # the primary session
+        self.sessions: list[GuestSession] = []
+        self.session_of: dict[str, GuestSession] = {}  # target name -> its session
         self.readers: dict[tuple[str, int], FilesystemReader] = {}
         self.devices: dict[str, str] = {}  # target name -> appliance device
         self.timings: dict[str, float] = {}
 
     def open(self, targets: list[Target], formats: dict[str, str], extra_rw: list[tuple[str, str]] = ()) -> GuestSession:
-        """Attach every unblocked target read-only (plus ``extra_rw`` disks) and launch."""
+        """Attach every unblocked target read-only (plus ``extra_rw`` disks, to the primary session)
+        and launch; returns the primary session."""
         start = time.monotonic()
-        self.session = GuestSession(self.settings, self.progress)
-        for t in targets:
-            if t.blockers:
-                continue
-            self.devices[t.name] = self.session.add_disk(t.disk_path, formats[t.name], readonly=True)
+        usable = [t for t in targets if not t.blockers]
+        # the primary session also writes whatever goes to extra_rw: give it fewer targets
+        extra = usable[0].allocated_bytes if usable and extra_rw else 0
+        for batch in parallel.batches(usable, self.settings.parallel, lambda t: t.allocated_bytes, extra) or [[]]:
+            session = GuestSession(self.settings, self.progress)
+            for t in batch:
+                self.devices[t.name] = session.add_disk(t.disk_path, formats[t.name], readonly=True)
+                self.session_of[t.name] = session
+            self.sessions.append(session)
+        self.session = self.sessions[0]
         for path, fmt in extra_rw:
             self.session.add_disk(path, fmt, readonly=False)
-        self.session.launch()
+        parallel.run(lambda s: s.launch(), self.sessions)
         self.timings["launch"] = time.monotonic() - start
         return self.session
 
+    def _each(self, targets: list[Target], fn: Callable[[Target], None]) -> None:
+        """``fn(t)`` for every target, the targets of different sessions side by side."""
+        per_session = [[t for t in targets if self.session_of.get(t.name) is s] for s in self.sessions]
+        parallel.run(lambda ts: [fn(t) for t in ts], [ts for ts in per_session if ts] or [[]])
+
     def inspect(self, targets: list[Target]) -> None:
         start = time.monotonic()
-        by_device = {i.device: i for i in inspect_disks(self.session)}
-        for t in targets:
-            dev = self.devices.get(t.name)
-            if dev is None:
-                continue
-            t.inspection = by_device[dev]
-            t.blockers.extend((f.code, f.message) for f in t.inspection.findings)
+
+        def one(session: GuestSession) -> None:
+            by_device = {i.device: i for i in inspect_disks(session)}
+            for t in targets:
+                if self.session_of.get(t.name) is session:
+                    t.inspection = by_device[self.devices[t.name]]
+                    t.blockers.extend((f.code, f.message) for f in t.inspection.findings)
+
+        parallel.run(one, self.sessions)
         self.timings["inspect"] = time.monotonic() - start
 
     def reader(self, t: Target, partition: int) -> FilesystemReader:
         key = (t.name, partition)
         if key not in self.readers:
             dev = self.devices[t.name] + (str(partition) if partition else "")
-            self.readers[key] = FilesystemReader(self.session, dev, name=f"{t.name} partition {partition}")
+            self.readers[key] = FilesystemReader(self.session_of[t.name], dev, name=f"{t.name} partition {partition}")
         return self.readers[key]
 
     def scan(self, t: Target) -> None:
@@ -70,14 +91,18 @@ class Survey:
                 self.progress(f"reading the file list of {t.name} partition {fs.partition}")
                 t.manifests[fs.partition] = self.reader(t, fs.partition).scan()
 
-    def run(self, targets: list[Target]) -> Plan:
-        """Inspect, read manifests, digest candidates and plan.  The session must be open."""
+    def run(self, targets: list[Target], spool_for: Callable[[Target, int], Spool | None] | None = None) -> Plan:
+        """Inspect, read manifests, digest candidates and plan.  The sessions must be open.
+
+        When ``spool_for(target, partition)`` returns a spool, candidate files are
+        not digested in the appliance but copied out into it and digested on the
+        host, so that building a base from that target does not read them again.
+        """
         self.inspect(targets)
         start = time.monotonic()
         candidate_groups, excluded = planmod.group_targets(targets)
         for members in candidate_groups:
-            for t in members:
-                self.scan(t)
+            self._each(members, self.scan)
         self.timings["metadata"] = time.monotonic() - start
         start = time.monotonic()
         groups = []
@@ -85,9 +110,17 @@ class Survey:
             parts = sorted(set.intersection(*(set(t.manifests) for t in members)))
             for part in parts:
                 needed = planmod.digest_candidates([t.manifests[part] for t in members])
-                for t in members:
+
+                def digest(t: Target, part: int = part, needed: set[bytes] = needed) -> None:
+                    spool = spool_for(t, part) if spool_for else None
+                    if spool is not None:
+                        self.progress(f"copying out {len(needed)} candidate files of {t.name} partition {part}")
+                        spool.fill(self.reader(t, part), t.manifests[part], needed)
+                        return
                     self.progress(f"digesting {len(needed)} candidate files of {t.name} partition {part}")
                     self.reader(t, part).digest(t.manifests[part], needed)
+
+                self._each(members, digest)
             gp, more = planmod.plan_group(members)
             excluded.extend(more)
             if gp is not None:
@@ -98,14 +131,20 @@ class Survey:
         return Plan(groups, excluded, targets)
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        sessions, self.sessions, self.session = self.sessions, [], None
+        try:
+            for s in sessions[1:]:
+                s.close()
+        except BaseException:
+            sessions[0].abort()
+            raise
+        if sessions:
+            sessions[0].close()
 
     def abort(self) -> None:
-        if self.session is not None:
-            self.session.abort()
-            self.session = None
+        for s in self.sessions:
+            s.abort()
+        self.sessions, self.session = [], None
 
 
 def survey(targets: list[Target], formats: dict[str, str], settings: ApplianceSettings,

@@ -53,7 +53,7 @@ from typing import Any, Callable
 import libvirt
 
 from .config import AutoEnrollPolicy, Config
-from .errors import BusyError, ConnectionError_, TargetError, VmshareError
+from .errors import BusyError, ConnectionError_, VmshareError
 
 log = logging.getLogger(__name__)
 

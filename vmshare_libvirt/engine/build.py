@@ -15,13 +15,14 @@ import logging
 import os
 import stat as stmod
 
+from .. import qemu_img
 from ..errors import VerificationError
 from ..guest.entries import Entry, Manifest
 from ..guest.inspect import SUPPORTED_FS, DiskLayout, Filesystem
 from ..guest.manifest import FilesystemReader, is_api_path
 from ..guest.session import GuestSession
 from ..plan import FsCommon
-from .tarstream import ContentSource, write_archive
+from .tarstream import ContentSource, Spool, write_archive
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def make_base_filesystem(g, dev: str, fs: Filesystem, uuid: str) -> None:
             f"missing {sorted(wanted - got)}, extra {sorted(got - wanted)}")
 
 
-def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: FilesystemReader, donor_manifest: Manifest,
+def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Spool, donor_manifest: Manifest,
               workdir: str) -> dict[bytes, str]:
     """Write exactly the common set into the base filesystem; returns path -> digest of its files."""
     g = session.g
@@ -94,7 +95,7 @@ def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Filesys
                                  xattrs=e.xattrs, ino=d.ino, nlink=d.nlink, digest=d.digest))
         tar_path = os.path.join(workdir, "base.tar")
         digests: dict[bytes, str] = {}
-        write_archive(tar_path, entries, ContentSource(donor, donor_manifest, workdir), digests)
+        write_archive(tar_path, entries, donor, digests)
         g.tar_in(tar_path, mp, xattrs=True, selinux=True, acls=True)
         os.unlink(tar_path)
         # mkfs made lost+found; the base may hold only what every member has
@@ -130,27 +131,54 @@ def journal_extents(g, dev: str) -> list[tuple[int, int]] | None:
     return out
 
 
-def clear_journal_log(g, dev: str) -> int:
-    """Zero the log blocks of a cleanly unmounted journal (its first block, the journal superblock,
-    stays): what building the base logged there is stale and would only cost space."""
+def journal_log_ranges(g, dev: str) -> list[tuple[int, int]]:
+    """Byte ranges of an internal journal's log, i.e. without its first block (the journal superblock)."""
     extents = journal_extents(g, dev)
     if not extents:
-        return 0
+        return []
     sb_block = 1024 << int.from_bytes(g.pread_device(dev, 4, 1024 + 24), "little")
-    cleared = 0
-    first = True
+    ranges = sorted(extents)
+    first_offset, first_length = ranges[0]
+    ranges[0] = (first_offset + sb_block, first_length - sb_block)
+    return [r for r in ranges if r[1] > 0]
+
+
+def _zero(g, dev: str, ranges: list[tuple[int, int]]) -> int:
     chunk = 1 << 20
     zeros = "\0" * chunk
-    for offset, length in sorted(extents):
-        if first:  # keep the journal superblock
-            offset, length, first = offset + sb_block, length - sb_block, False
+    total = 0
+    for offset, length in ranges:
         done = 0
         while done < length:
             n = min(chunk, length - done)
             g.pwrite_device(dev, zeros if n == chunk else "\0" * n, offset + done)
             done += n
-        cleared += length
-    return cleared
+        total += length
+    return total
+
+
+def clear_written_journal_log(g, dev: str, dev_offset: int, image_path: str) -> int:
+    """Zero the journal log clusters that writing into a new qcow2 image allocated.
+
+    The filesystem is cleanly unmounted, so its log is never replayed.  In a
+    base, zeros convert to nothing; in an overlay, the base holds zeros there,
+    so the zeroed clusters drop out when the overlay is compacted.  Only
+    clusters the image itself holds are written: ``sync`` makes QEMU flush its
+    qcow2 tables, then ``qemu-img map -U`` shows them.
+    """
+    log_ranges = journal_log_ranges(g, dev)
+    if not log_ranges:
+        return 0
+    g.sync()
+    own = [(e.start - dev_offset, e.start - dev_offset + e.length)
+           for e in qemu_img.map(image_path, "qcow2", force_share=True) if e.depth == 0 and e.data]
+    wanted = []
+    for offset, length in log_ranges:
+        for a, b in own:
+            lo, hi = max(a, offset), min(b, offset + length)
+            if lo < hi:
+                wanted.append((lo, hi - lo))
+    return _zero(g, dev, wanted)
 
 
 # -- overlays ------------------------------------------------------------------------------------

@@ -4,9 +4,11 @@ Steps, each journaled before it acts (DESIGN.md 3.6):
 
 1. ``create-base-file``  an empty qcow2 in the store, sized for the smallest member
 2. ``build-base``        appliance 1: survey the originals (read-only), plan, write the common set
-3. ``publish-base``      convert to a compact final file (flushed), fsync, rename, 0444, fingerprint
+3. ``publish-base``      convert to a compact final file (flushed), share its identical clusters,
+                         fsync, rename, 0444, fingerprint
 4. ``create-overlay``    per member, ``<disk>.vmshare-new`` on the base (absolute path, format recorded)
-5. ``build-overlays``    appliance 2: raw areas, grown filesystem, private entries, verification
+5. ``build-overlays``    appliance(s) 2: raw areas, grown filesystem, private entries, verification;
+                         then on the host: compaction against the base, qemu-img check (engine/overlay.py)
 6. ``switch``            per member, under the lock and after re-checking it is offline:
                          link original to ``<disk>.vmshare-orig``, rename the overlay over the disk path
 
@@ -24,13 +26,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import fingerprint, qemu_img
+from .. import fingerprint, qcow2_dedup, qemu_img
 from ..config import Config
-from ..errors import BlockedError, OperationError, VmshareError
-from ..guest.entries import Manifest
-from ..plan import GroupPlan, Target
+from ..errors import BlockedError, OperationError, VerificationError, VmshareError
+from ..plan import Target
 from ..survey import Survey
-from . import basemanifest, build
+from . import basemanifest, build, overlay
+from .tarstream import Spool
 from .files import (check_free_space, copy_ownership, crashpoint, durable_link, durable_rename, file_identity,
                     fsync_file, remove_quietly)
 
@@ -39,8 +41,6 @@ log = logging.getLogger(__name__)
 NEW_SUFFIX = ".vmshare-new"
 PREV_SUFFIX = ".vmshare-prev"  # a member's replaced overlay, during a regroup's switch
 ORIG_SUFFIX = ".vmshare-orig"
-# Small clusters keep the copy-up cost of metadata changes in overlays small (measured: see bench/).
-OVERLAY_CLUSTER_SIZE = 4096
 # Bases hold files and their metadata packed tightly; small clusters waste little around metadata blocks.
 BASE_CLUSTER_SIZE = 4096
 # Below this much free space after a failure, the failure is reported as "no space left".
@@ -240,36 +240,46 @@ class Consolidation:
         # 2. appliance 1: survey, plan, build the base filesystem
         survey = Survey(self.cfg.appliance, self.progress)
         seq = self._intent("build-base", {"path": build_path})
+        spools: dict[int, Spool] = {}
         try:
-            session = survey.open(members, formats, extra_rw=[(build_path, "qcow2")])
-            base_dev = session.disks[-1].device
-            plan = survey.run(members)
-            outcome.plan_json = plan.to_json()
-            if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
-                raise BlockedError("these domains cannot share one base: "
-                                   + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
-            gp = plan.groups[0]
-            name = group or default_group_name(gp.members[0])
-            if not self.existing and self.store.get_group(name) is not None and self.store.members(group_name=name):
-                raise BlockedError(f"group {name} already exists", hint="use 'vmshare enroll' or another --group name")
-            outcome.group = name
-            base_t = next(t for t in gp.members if t.name == gp.base_layout_of)
-            base_layout = base_t.inspection.layout
-            self.progress(f"building the base of group {name} ({len(gp.members)} members)")
-            build.make_base_layout(session.g, base_dev, base_layout)
-            base_uuids = {}
             with tempfile.TemporaryDirectory(prefix="vmshare-build-", dir=tmpdir_root) as work:
+                session = survey.open(members, formats, extra_rw=[(build_path, "qcow2")])
+                base_dev = session.disks[-1].device
+                # The donor (the first target, in the primary session with the base) is copied out
+                # while the other sessions digest: the same read serves the plan and the base.
+                donor_name = members[0].name
+
+                def spool_for(t: Target, part: int) -> Spool | None:
+                    return spools.setdefault(part, Spool(work)) if t.name == donor_name else None
+
+                plan = survey.run(members, spool_for)
+                outcome.plan_json = plan.to_json()
+                if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
+                    raise BlockedError("these domains cannot share one base: "
+                                       + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
+                gp = plan.groups[0]
+                name = group or default_group_name(gp.members[0])
+                if not self.existing and self.store.get_group(name) is not None and self.store.members(group_name=name):
+                    raise BlockedError(f"group {name} already exists", hint="use 'vmshare enroll' or another --group name")
+                outcome.group = name
+                base_t = next(t for t in gp.members if t.name == gp.base_layout_of)
+                base_layout = base_t.inspection.layout
+                self.progress(f"building the base of group {name} ({len(gp.members)} members)")
+                build.make_base_layout(session.g, base_dev, base_layout)
+                base_uuids = {}
+                donor = next(t for t in gp.members if t.name == donor_name)
                 for part, fc in gp.common.items():
                     fs = base_layout.filesystem(part)
                     uuid = Counter(t.inspection.layout.filesystem(part).uuid for t in gp.members).most_common(1)[0][0]
                     base_uuids[part] = uuid
                     dev = build.part_device(base_dev, part)
                     build.make_base_filesystem(session.g, dev, fs, uuid)
-                    donor = gp.members[0]
-                    build.fill_base(session, dev, fc, survey.reader(donor, part), donor.manifests[part], work)
+                    build.fill_base(session, dev, fc, spools[part], donor.manifests[part], work)
+                    spools.pop(part).close()
                     session.g.e2fsck_f(dev)
-                    build.clear_journal_log(session.g, dev)
-            survey.close()
+                    start = next((p.start for p in base_layout.partitions if p.number == part), 0)
+                    build.clear_written_journal_log(session.g, dev, start, build_path)
+                survey.close()
         except BaseException:
             survey.abort()
             raise
@@ -291,6 +301,7 @@ class Consolidation:
         self.progress(f"publishing base {final}")
         basemanifest.save(basemanifest.manifest_path(final), gp.common, base_layout, base_uuids)
         qemu_img.convert(build_path, "qcow2", tmp, "qcow2", cache="writeback", cluster_size=BASE_CLUSTER_SIZE)
+        share_identical_clusters(build_path, tmp, self.progress)
         fsync_file(tmp)
         os.chmod(tmp, fingerprint.BASE_MODE)
         durable_rename(tmp, final)
@@ -306,16 +317,17 @@ class Consolidation:
             new = t.disk_path + NEW_SUFFIX
             seq = self._intent("create-overlay", {"path": new, "disk": t.disk_path})
             qemu_img.create(new, "qcow2", vsizes[t.name], backing=final, backing_fmt="qcow2",
-                            cluster_size=OVERLAY_CLUSTER_SIZE)
+                            cluster_size=overlay.CLUSTER_SIZE)
             self._done(seq, "create-overlay")
             new_paths[t.name] = new
 
         # 5. appliance 2: rebuild every member's view on the base and verify it
         started = time.monotonic()
         seq = self._intent("build-overlays", {"paths": list(new_paths.values())})
-        self._build_overlays(gp, formats, new_paths, base_layout, base_uuids)
+        overlay.build_all(self.cfg.appliance, self.progress, str(self.cfg.store_dir), gp, formats, new_paths,
+                          base_layout, base_uuids)
         for t in gp.members:
-            self._verify_overlay(new_paths[t.name], final)
+            overlay.finish(new_paths[t.name], final)
         self._done(seq, "build-overlays")
         outcome.timings["overlays"] = time.monotonic() - started
 
@@ -335,53 +347,6 @@ class Consolidation:
 
             collect_unused_bases(self.store, self.conn)
         return outcome
-
-    def _verify_overlay(self, new: str, base: str) -> None:
-        """qemu-img check clean; the chain records the base by absolute path and its format."""
-        qemu_img.check(new, "qcow2").raise_for_problems()
-        info = qemu_img.info(new, "qcow2")
-        if info.full_backing_filename != base or info.backing_format != "qcow2" or not os.path.isabs(info.backing_filename or ""):
-            raise OperationError(f"overlay {new} does not record the base by absolute path and format")
-        fsync_file(new)
-
-    def _build_overlays(self, gp: GroupPlan, formats, new_paths, base_layout, base_uuids) -> None:
-        from ..guest.session import GuestSession
-
-        session = GuestSession(self.cfg.appliance, self.progress)
-        try:
-            src_dev, dst_dev = {}, {}
-            for t in gp.members:
-                src_dev[t.name] = session.add_disk(t.disk_path, formats[t.name], readonly=True)
-                dst_dev[t.name] = session.add_disk(new_paths[t.name], "qcow2", readonly=False)
-            session.launch()
-            g = session.g
-            with tempfile.TemporaryDirectory(prefix="vmshare-build-", dir=str(self.cfg.store_dir)) as work:
-                for t in gp.members:
-                    self.progress(f"rebuilding {t.name} as an overlay")
-                    layout = t.inspection.layout
-                    build.copy_raw_areas(g, src_dev[t.name], dst_dev[t.name], layout)
-                    delta = gp.deltas[t.name]
-                    for part, fc in gp.common.items():
-                        mfs = layout.filesystem(part)
-                        bfs = base_layout.filesystem(part)
-                        bfs_now = type(bfs)(**{**bfs.__dict__, "uuid": base_uuids[part]})
-                        dev = build.part_device(dst_dev[t.name], part)
-                        build.grow_and_identify(g, dev, mfs, bfs_now)
-                        from ..guest.manifest import FilesystemReader
-
-                        source = FilesystemReader(session, build.part_device(src_dev[t.name], part), name=t.name)
-                        written = build.apply_delta(session, dev, t.manifests[part], fc, delta.private[part],
-                                                    delta.metadata[part], source, work)
-                        expected = _expected_manifest(t.manifests[part], written)
-                        self.progress(f"verifying {t.name} partition {part}")
-                        build.verify_view(session, dev, expected, f"{t.name} partition {part}")
-                        source.unmount()
-                    build.verify_layout(g, dst_dev[t.name], layout, t.name)
-                    build.verify_raw_areas(g, src_dev[t.name], dst_dev[t.name], layout, t.name)
-            session.close()
-        except BaseException:
-            session.abort()
-            raise
 
     def _switch(self, t: Target, spec: MemberSpec, new: str, group: str, gen_id: int) -> str | None:
         """Put the overlay in place of the disk; returns a reason when this member was left as it was."""
@@ -428,13 +393,12 @@ class Consolidation:
         return None
 
 
-def _expected_manifest(original: Manifest, written: dict[bytes, str]) -> Manifest:
-    """The original manifest with the digests learnt while copying private files filled in."""
-    for path, digest in written.items():
-        e = original.entries.get(path)
-        if e is not None and e.kind == "f" and e.digest is None:
-            e.digest = digest
-    missing = [e.path for e in original if e.kind == "f" and e.digest is None]
-    if missing:
-        raise OperationError(f"internal: {len(missing)} file(s) have no expected digest, e.g. {missing[0]!r}")
-    return original
+def share_identical_clusters(build_path: str, tmp: str, progress: Callable[[str], None]) -> None:
+    """Store identical 4 KiB blocks of a base being published once (qcow2 clusters with refcount > 1;
+    QEMU copies such a cluster before any write).  The result must pass ``qemu-img check`` and show
+    exactly the content of the filesystem build it was converted from."""
+    result = qcow2_dedup.dedup_clusters(tmp, progress)
+    if result.shared:
+        qemu_img.check(tmp, "qcow2").raise_for_problems()
+        if not qemu_img.compare(build_path, "qcow2", tmp, "qcow2"):
+            raise VerificationError(f"{tmp}: the base differs from its build after sharing identical clusters")

@@ -26,7 +26,8 @@ from ..errors import BlockedError, VmshareError
 from ..plan import GroupPlan, Target, layout_problem, member_delta
 from ..survey import Survey
 from . import basemanifest
-from .consolidate import FIXABLE, NEW_SUFFIX, OVERLAY_CLUSTER_SIZE, Consolidation, MemberSpec
+from . import overlay
+from .consolidate import FIXABLE, NEW_SUFFIX, Consolidation, MemberSpec
 from .files import file_identity
 from .members import verify_bases
 
@@ -218,13 +219,14 @@ def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, co
         vsize = qemu_img.info(t.disk_path, fmt, force_share=True).virtual_size
         new = t.disk_path + NEW_SUFFIX
         seq = c._intent("create-overlay", {"path": new, "disk": t.disk_path})
-        qemu_img.create(new, "qcow2", vsize, backing=gen.path, backing_fmt="qcow2", cluster_size=OVERLAY_CLUSTER_SIZE)
+        qemu_img.create(new, "qcow2", vsize, backing=gen.path, backing_fmt="qcow2", cluster_size=overlay.CLUSTER_SIZE)
         c._done(seq, "create-overlay")
         gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
         _check_cancel(store, c.op_id, t.name)
         seq = c._intent("build-overlays", {"paths": [new]})
-        c._build_overlays(gp, {t.name: fmt}, {t.name: new}, base_layout, uuids)
-        c._verify_overlay(new, gen.path)
+        overlay.build_all(cfg.appliance, progress, str(cfg.store_dir), gp, {t.name: fmt}, {t.name: new},
+                          base_layout, uuids)
+        overlay.finish(new, gen.path)
         c._done(seq, "build-overlays")
         _check_cancel(store, c.op_id, t.name)
         reason = c._switch(t, spec, new, gname, gen.id)

@@ -14,6 +14,7 @@ import os
 
 from ..store.base import _pid_alive
 from .basemanifest import manifest_path
+from .overlay import COMPACT_SUFFIX
 from .files import durable_rename, fsync_dir, remove_quietly, same_inode
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,11 @@ def rollback_operation(store, op_id: int, conn=None, reason: str = "") -> str:
                 remove_quietly(data["path"])
         elif step.name == "create-overlay":
             remove_quietly(data["path"])
+            remove_quietly(data["path"] + COMPACT_SUFFIX)
         elif step.name == "build-overlays":
             for p in data.get("paths", []):
                 remove_quietly(p)
+                remove_quietly(p + COMPACT_SUFFIX)
         store.step_undone(op_id, step.seq)
     # A group left with no member and no generation is removed.
     op = store.get_operation(op_id)

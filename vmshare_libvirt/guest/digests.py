@@ -12,10 +12,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-BULK_CALL_S = 0.08  # one checksums_out: find + xargs + file transfer
-PER_FILE_S = 0.0005  # per file inside a bulk call (sha256sum via xargs)
-SINGLE_CALL_S = 0.012  # one checksum RPC under TCG
-BYTES_PER_S = 40e6  # in-appliance sha256 throughput under TCG (6 s for 210 MB measured)
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per call, per file in a bulk call, and bytes per second (measured under TCG)."""
+
+    bulk_call_s: float
+    per_file_s: float
+    single_call_s: float
+    bulk_bytes_per_s: float
+    single_bytes_per_s: float
+
+
+# checksums_out of a tree against one checksum RPC per file (sha256 inside the appliance)
+DIGEST_COSTS = Costs(bulk_call_s=0.08, per_file_s=0.0005, single_call_s=0.012,
+                     bulk_bytes_per_s=40e6, single_bytes_per_s=40e6)
+# tar_out of a tree (~23 MB/s through the channel) against pread of one file (~1.2 ms + ~50 MB/s)
+FETCH_COSTS = Costs(bulk_call_s=0.1, per_file_s=0.0003, single_call_s=0.0015,
+                    bulk_bytes_per_s=23e6, single_bytes_per_s=50e6)
 
 
 @dataclass
@@ -56,17 +71,17 @@ def _totals(node: _Dir) -> None:
         node.needed_files += child.needed_files
 
 
-def _best(node: _Dir, name: bytes, bulk: list[bytes], single: list[bytes]) -> float:
+def _best(node: _Dir, name: bytes, bulk: list[bytes], single: list[bytes], c: Costs) -> float:
     if node.needed_files == 0:
         return 0.0
-    bulk_cost = BULK_CALL_S + node.total_files * PER_FILE_S + node.total_bytes / BYTES_PER_S
+    bulk_cost = c.bulk_call_s + node.total_files * c.per_file_s + node.total_bytes / c.bulk_bytes_per_s
     sub_bulk: list[bytes] = []
     sub_single: list[bytes] = [p for p, _, n in node.files if n]
-    split_cost = sum(SINGLE_CALL_S + s / BYTES_PER_S for _, s, n in node.files if n)
+    split_cost = sum(c.single_call_s + s / c.single_bytes_per_s for _, s, n in node.files if n)
     for child_name, child in node.children.items():
         if split_cost >= bulk_cost:
             break
-        split_cost += _best(child, child_name, sub_bulk, sub_single)
+        split_cost += _best(child, child_name, sub_bulk, sub_single, c)
     if split_cost < bulk_cost:
         bulk.extend(sub_bulk)
         single.extend(sub_single)
@@ -75,7 +90,7 @@ def _best(node: _Dir, name: bytes, bulk: list[bytes], single: list[bytes]) -> fl
     return bulk_cost
 
 
-def choose(files: dict[bytes, int], needed: set[bytes]) -> DigestPlan:
+def choose(files: dict[bytes, int], needed: set[bytes], costs: Costs = DIGEST_COSTS) -> DigestPlan:
     """Plan the digest calls for regular ``files`` (path -> size) so every ``needed`` one is covered.
 
     ``needed`` paths must be keys of ``files``.  Paths are relative to the
@@ -85,5 +100,5 @@ def choose(files: dict[bytes, int], needed: set[bytes]) -> DigestPlan:
     _totals(root)
     bulk: list[bytes] = []
     single: list[bytes] = []
-    cost = _best(root, b"", bulk, single)
+    cost = _best(root, b"", bulk, single, costs)
     return DigestPlan(tuple(sorted(bulk)), tuple(sorted(single)), cost)
