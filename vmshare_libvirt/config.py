@@ -31,6 +31,8 @@ SCHEMA: dict[str, Any] = {
         "memsize_mb": ((int, type(None)), None),
         # Appliances run side by side when rebuilding several members; None: the host's CPU count, at most 4.
         "parallel": ((int, type(None)), None),
+        # Virtual CPUs per appliance: the kernel's reads overlap the digesting in user space.
+        "smp": (int, 1),
     },
     "auto_enroll": {
         "enabled": (bool, True),
@@ -60,6 +62,7 @@ class ApplianceSettings:
     backend_settings: tuple[str, ...] = ()
     memsize_mb: int | None = None
     parallel: int = 1  # appliances side by side (see _parallel for the configured default)
+    smp: int = 1  # virtual CPUs per appliance
 
 
 def _parallel(value: int | None) -> int:
@@ -186,6 +189,8 @@ def parse(text: str, source: Path | None = None) -> Config:
         raise ConfigError("auto_enroll.min_saving_bytes: must not be negative", target=str(source or "config"))
     if values["appliance"]["parallel"] is not None and values["appliance"]["parallel"] < 1:
         raise ConfigError("appliance.parallel: must be at least 1", target=str(source or "config"))
+    if values["appliance"]["smp"] < 1:
+        raise ConfigError("appliance.smp: must be at least 1", target=str(source or "config"))
     for key, value in values["watch"].items():
         if value < 1:
             raise ConfigError(f"watch.{key}: must be at least 1", target=str(source or "config"))
@@ -198,6 +203,7 @@ def parse(text: str, source: Path | None = None) -> Config:
             backend_settings=tuple(values["appliance"]["backend_settings"]),
             memsize_mb=values["appliance"]["memsize_mb"],
             parallel=_parallel(values["appliance"]["parallel"]),
+            smp=values["appliance"]["smp"],
         ),
         auto_enroll=AutoEnrollPolicy(
             enabled=values["auto_enroll"]["enabled"],

@@ -106,3 +106,16 @@ def test_validate_json(tmp_path):
     rc, out, _ = _validate(["--json", str(path)])
     report = json.loads(out)
     assert rc == 1 and report["valid"] is False and "bogus: unknown key" in report["error"]
+
+
+def test_appliance_parallel_defaults_to_the_cpu_count_capped(monkeypatch):
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 16)
+    assert config.parse("").appliance.parallel == 4
+    monkeypatch.setattr(config.os, "cpu_count", lambda: None)
+    assert config.parse("").appliance.parallel == 1
+    assert config.parse("appliance: {parallel: 3}").appliance.parallel == 3
+
+
+def test_appliance_parallel_must_be_positive():
+    with pytest.raises(ConfigError, match="appliance.parallel"):
+        config.parse("appliance: {parallel: 0}")

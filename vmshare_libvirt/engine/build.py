@@ -12,7 +12,6 @@ UUID and label, then the member's private entries and metadata differences.
 from __future__ import annotations
 
 import logging
-import os
 import stat as stmod
 
 from .. import qemu_img
@@ -22,7 +21,7 @@ from ..guest.inspect import SUPPORTED_FS, DiskLayout, Filesystem
 from ..guest.manifest import FilesystemReader, is_api_path
 from ..guest.session import GuestSession
 from ..plan import FsCommon
-from .tarstream import ContentSource, Spool, write_archive
+from .tarstream import Archive, ContentSource, Spool, extract
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +92,13 @@ def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Spool, 
             entries.append(Entry(path=path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid, size=d.size,
                                  allocated=d.allocated, mtime_ns=e.mtime_ns, rdev=d.rdev, target=d.target,
                                  xattrs=e.xattrs, ino=d.ino, nlink=d.nlink, digest=d.digest))
-        tar_path = os.path.join(workdir, "base.tar")
-        digests: dict[bytes, str] = {}
-        write_archive(tar_path, entries, donor, digests)
-        g.tar_in(tar_path, mp, xattrs=True, selinux=True, acls=True)
-        os.unlink(tar_path)
+        archive = Archive(entries, donor, workdir)
+        try:
+            archive.fetch()
+            extract(g, archive, mp, workdir)
+        finally:
+            archive.close()
+        digests = archive.digests
         # mkfs made lost+found; the base may hold only what every member has
         if b"lost+found" not in fc.paths and g.is_dir(f"{mp}/lost+found"):
             g.rmdir(f"{mp}/lost+found")
@@ -281,10 +282,13 @@ def apply_delta(session: GuestSession, dev: str, member: Manifest, fc: FsCommon,
     g.mount_options(WRITE_MOUNT_OPTIONS, dev, mp)
     digests: dict[bytes, str] = {}
     try:
-        tar_path = os.path.join(workdir, "delta.tar")
-        write_archive(tar_path, through_tar, ContentSource(source, member, workdir), digests)
-        g.tar_in(tar_path, mp, xattrs=True, selinux=True, acls=True)
-        os.unlink(tar_path)
+        archive = Archive(through_tar, ContentSource(source, member, workdir), workdir)
+        try:
+            archive.fetch()  # reads the original through this appliance: before the tar streams in
+            extract(g, archive, mp, workdir)
+        finally:
+            archive.close()
+        digests.update(archive.digests)
         sockets = [e for e in through_tar if e.kind == "s"]
         for e in sockets:
             if not is_api_path(e.path):

@@ -16,6 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import threading
 from typing import Callable, Iterable
 
 from ..guest import digests
@@ -120,15 +121,16 @@ class Spool:
     """Regular-file content copied out of one guest filesystem ahead of time, digested on the host.
 
     :meth:`fill` takes the place of digesting candidate files in the appliance
-    (one read serves both the plan and the base build); :meth:`fetch` then
-    serves them like :class:`ContentSource`, and anything not spooled comes
-    from the fallback source.
+    (one read serves both the plan and the base build).  An :class:`Archive`
+    then uses the spooled files directly; anything not spooled comes from the
+    fallback source.
     """
 
     def __init__(self, workdir: str):
         self.dir = tempfile.mkdtemp(prefix="spool-", dir=workdir)
         self.workdir = workdir
         self.stored: dict[bytes, str] = {}
+        self.digests: dict[bytes, str] = {}
         self.fallback: ContentSource | None = None
 
     def fill(self, reader: FilesystemReader, manifest: Manifest, needed: set[bytes]) -> None:
@@ -139,91 +141,153 @@ class Spool:
 
         def sink(path: bytes, fobj) -> None:
             local = os.path.join(self.dir, str(len(self.stored)))
-            h = hashlib.sha256()
-            with open(local, "wb") as out:
-                for chunk in iter(lambda: fobj.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
+            self.digests[path] = _copy_digesting(fobj, local)
             self.stored[path] = local
-            manifest.entries[path].digest = h.hexdigest()
+            manifest.entries[path].digest = self.digests[path]
 
         if wanted:
             self.fallback.fetch(wanted, sink)
-
-    def fetch(self, wanted: set[bytes], sink: Callable[[bytes, io.BufferedReader | tarfile.ExFileObject], None]) -> None:
-        for path in sorted(wanted & self.stored.keys()):
-            with open(self.stored[path], "rb") as f:
-                sink(path, f)
-        rest = wanted - self.stored.keys()
-        if rest:
-            if self.fallback is None:
-                raise VerificationError(f"{len(rest)} file(s) were never copied out")
-            self.fallback.fetch(rest, sink)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         self.stored.clear()
 
 
-def write_archive(out_path: str, entries: Iterable[Entry], source: ContentSource | Spool | None,
-                  digests_out: dict[bytes, str]) -> int:
-    """Write a tar recreating ``entries`` (parents first); returns the number of members.
+def _copy_digesting(fobj, local: str) -> str:
+    h = hashlib.sha256()
+    with open(local, "wb") as out:
+        for chunk in iter(lambda: fobj.read(1 << 20), b""):
+            h.update(chunk)
+            out.write(chunk)
+    return h.hexdigest()
 
-    Regular files get their content from ``source``; their sha256 is stored in
-    ``digests_out`` and checked against the entry's digest when it has one.
-    Hard-linked files (same inode) become one file plus hard links.
+
+class Archive:
+    """A tar recreating manifest entries (parents first), in two phases.
+
+    :meth:`fetch` gets the regular files' content from the guest (it uses the
+    appliance); :meth:`write` then only reads host files, so it can stream
+    into a ``tar_in`` of the same appliance (:func:`extract`).  Every regular
+    file's sha256 goes to ``digests`` and must equal the entry's digest when it
+    has one.  Hard-linked files (same inode) become one file plus hard links.
     """
-    entries = sorted(entries, key=lambda e: e.path.split(b"/"))
-    files = {e.path for e in entries if e.kind == "f"}
-    first_of_inode: dict[int, bytes] = {}
-    link_to: dict[bytes, bytes] = {}
-    for e in entries:
-        if e.kind == "f" and e.nlink > 1 and e.ino:
-            if e.ino in first_of_inode:
-                link_to[e.path] = first_of_inode[e.ino]
-            else:
-                first_of_inode[e.ino] = e.path
-    content_dir = tempfile.mkdtemp(prefix="content-", dir=os.path.dirname(out_path))
-    stored: dict[bytes, str] = {}
-    try:
-        if source is not None and files:
-            wanted = files - set(link_to)
 
-            def sink(path: bytes, fobj) -> None:
-                local = os.path.join(content_dir, str(len(stored)))
-                h = hashlib.sha256()
-                with open(local, "wb") as out:
-                    for chunk in iter(lambda: fobj.read(1 << 20), b""):
-                        h.update(chunk)
-                        out.write(chunk)
-                stored[path] = local
-                digests_out[path] = h.hexdigest()
+    def __init__(self, entries: Iterable[Entry], source: ContentSource | Spool | None, workdir: str):
+        self.entries = sorted(entries, key=lambda e: e.path.split(b"/"))
+        self.source = source
+        self.workdir = workdir
+        self.digests: dict[bytes, str] = {}
+        self.first_of_inode: dict[int, bytes] = {}
+        self.link_to: dict[bytes, bytes] = {}
+        for e in self.entries:
+            if e.kind == "f" and e.nlink > 1 and e.ino:
+                if e.ino in self.first_of_inode:
+                    self.link_to[e.path] = self.first_of_inode[e.ino]
+                else:
+                    self.first_of_inode[e.ino] = e.path
+        self.stored: dict[bytes, str] = {}
+        self.content_dir: str | None = None
 
-            source.fetch(wanted, sink)
+    def fetch(self) -> None:
+        wanted = {e.path for e in self.entries if e.kind == "f"} - set(self.link_to)
+        if self.source is None or not wanted:
+            return
+        source = self.source
+        if isinstance(source, Spool):
+            for path in wanted & source.stored.keys():
+                self.stored[path] = source.stored[path]
+                self.digests[path] = source.digests[path]
+            wanted = wanted - source.stored.keys()
+            source = source.fallback
+            if wanted and source is None:
+                raise VerificationError(f"{len(wanted)} file(s) were never copied out")
+        if not wanted:
+            return
+        self.content_dir = tempfile.mkdtemp(prefix="content-", dir=self.workdir)
+
+        def sink(path: bytes, fobj) -> None:
+            local = os.path.join(self.content_dir, str(len(self.stored)))
+            self.digests[path] = _copy_digesting(fobj, local)
+            self.stored[path] = local
+
+        source.fetch(wanted, sink)
+
+    def write(self, out_path: str) -> int:
+        """Write the tar to ``out_path`` (a file or a FIFO); returns the number of members."""
         count = 0
-        with tarfile.open(out_path, "w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
-            for e in entries:
+        # stream mode ("w|"): a FIFO cannot seek
+        with open(out_path, "wb") as raw, tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT,
+                                                      encoding="utf-8", errors="surrogateescape",
+                                                      bufsize=1 << 20, copybufsize=1 << 20) as tf:
+            for e in self.entries:
                 if e.kind in "s?":
                     continue
                 ti = tarinfo_for(e)
-                if e.path in link_to:
+                if e.path in self.link_to:
                     ti.type = tarfile.LNKTYPE
-                    ti.linkname = tar_name(link_to[e.path])
+                    ti.linkname = tar_name(self.link_to[e.path])
                     tf.addfile(ti)
-                    digests_out[e.path] = digests_out[link_to[e.path]]
+                    self.digests[e.path] = self.digests[self.link_to[e.path]]
                 elif e.kind == "f":
-                    local = stored[e.path]
-                    got = digests_out[e.path]
+                    name = e.path.decode("utf-8", "backslashreplace")
+                    got = self.digests[e.path]
                     if e.digest is not None and got != e.digest:
-                        raise VerificationError(f"/{e.path.decode('utf-8', 'backslashreplace')} changed while it was read")
-                    ti.size = os.path.getsize(local)
-                    if ti.size != e.size:
-                        raise VerificationError(f"/{e.path.decode('utf-8', 'backslashreplace')} changed size while it was read")
-                    with open(local, "rb") as f:
+                        raise VerificationError(f"/{name} changed while it was read")
+                    with open(self.stored[e.path], "rb") as f:
+                        ti.size = os.fstat(f.fileno()).st_size
+                        if ti.size != e.size:
+                            raise VerificationError(f"/{name} changed size while it was read")
                         tf.addfile(ti, f)
                 else:
                     tf.addfile(ti)
                 count += 1
         return count
+
+    def close(self) -> None:
+        if self.content_dir:
+            shutil.rmtree(self.content_dir, ignore_errors=True)
+            self.content_dir = None
+
+
+def extract(g, archive: Archive, directory: str, workdir: str) -> None:
+    """``tar_in`` the archive into ``directory`` while a thread writes it into a FIFO.
+
+    The appliance unpacks while the host is still writing, and no tar file is
+    stored.  An error on the writing side wins over the truncated-tar error
+    the appliance then reports.
+    """
+    fifo = os.path.join(workdir, f"stream-{threading.get_ident()}.tar")
+    os.mkfifo(fifo, 0o600)
+    failure: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            archive.write(fifo)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            failure.append(exc)
+
+    th = threading.Thread(target=writer, name="tar-writer")
+    th.start()
+    try:
+        g.tar_in(fifo, directory, xattrs=True, selinux=True, acls=True)
+    except RuntimeError:
+        if not failure:
+            _unblock(fifo, th)
+            raise
     finally:
-        shutil.rmtree(content_dir, ignore_errors=True)
+        _unblock(fifo, th)
+        os.unlink(fifo)
+    if failure:
+        raise failure[0]
+
+
+def _unblock(fifo: str, th: threading.Thread) -> None:
+    """Let a writer still waiting for (or writing to) the FIFO finish: open and close the read end."""
+    while th.is_alive():
+        try:
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return
+        os.close(fd)
+        th.join(0.05)
+    th.join()

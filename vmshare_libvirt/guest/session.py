@@ -61,6 +61,8 @@ class GuestSession:
             self.g.set_backend_settings(list(self._settings.backend_settings))
         if self._settings.memsize_mb:
             self.g.set_memsize(self._settings.memsize_mb)
+        if self._settings.smp > 1:
+            self.g.set_smp(self._settings.smp)
         self.disks: list[AttachedDisk] = []
         self.launched = False
         self._closed = False
