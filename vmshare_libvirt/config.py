@@ -31,8 +31,9 @@ SCHEMA: dict[str, Any] = {
         "memsize_mb": ((int, type(None)), None),
         # Appliances run side by side when rebuilding several members; None: the host's CPU count, at most 4.
         "parallel": ((int, type(None)), None),
-        # Virtual CPUs per appliance: the kernel's reads overlap the digesting in user space.
-        "smp": (int, 1),
+        # Virtual CPUs per appliance (the kernel's reads overlap the digesting in user space);
+        # None: the CPUs left per appliance when `parallel` run side by side.
+        "smp": ((int, type(None)), None),
     },
     "auto_enroll": {
         "enabled": (bool, True),
@@ -67,6 +68,10 @@ class ApplianceSettings:
 
 def _parallel(value: int | None) -> int:
     return value if value is not None else max(1, min(4, os.cpu_count() or 1))
+
+
+def _smp(value: int | None, parallel: int) -> int:
+    return value if value is not None else max(1, min(4, (os.cpu_count() or 1) // parallel))
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ def parse(text: str, source: Path | None = None) -> Config:
         raise ConfigError("auto_enroll.min_saving_bytes: must not be negative", target=str(source or "config"))
     if values["appliance"]["parallel"] is not None and values["appliance"]["parallel"] < 1:
         raise ConfigError("appliance.parallel: must be at least 1", target=str(source or "config"))
-    if values["appliance"]["smp"] < 1:
+    if values["appliance"]["smp"] is not None and values["appliance"]["smp"] < 1:
         raise ConfigError("appliance.smp: must be at least 1", target=str(source or "config"))
     for key, value in values["watch"].items():
         if value < 1:
@@ -203,7 +208,7 @@ def parse(text: str, source: Path | None = None) -> Config:
             backend_settings=tuple(values["appliance"]["backend_settings"]),
             memsize_mb=values["appliance"]["memsize_mb"],
             parallel=_parallel(values["appliance"]["parallel"]),
-            smp=values["appliance"]["smp"],
+            smp=_smp(values["appliance"]["smp"], _parallel(values["appliance"]["parallel"])),
         ),
         auto_enroll=AutoEnrollPolicy(
             enabled=values["auto_enroll"]["enabled"],

@@ -119,3 +119,14 @@ def test_appliance_parallel_defaults_to_the_cpu_count_capped(monkeypatch):
 def test_appliance_parallel_must_be_positive():
     with pytest.raises(ConfigError, match="appliance.parallel"):
         config.parse("appliance: {parallel: 0}")
+
+
+def test_appliance_smp_defaults_to_the_cpus_left_per_appliance(monkeypatch):
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 2)
+    assert config.parse("").appliance.smp == 1
+    assert config.parse("appliance: {parallel: 1}").appliance.smp == 2
+    assert config.parse("appliance: {parallel: 1, smp: 1}").appliance.smp == 1
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 64)
+    assert config.parse("").appliance.smp == 4
+    with pytest.raises(ConfigError, match="appliance.smp"):
+        config.parse("appliance: {smp: 0}")

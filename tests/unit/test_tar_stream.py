@@ -82,3 +82,12 @@ def test_content_that_changed_while_read_wins_over_the_truncated_tar(tmp_path):
     archive.fetch()
     with pytest.raises(VerificationError, match="/d/a changed while it was read"):
         extract(_Reader(), archive, "/m", str(tmp_path))
+
+
+def test_the_appliance_error_wins_over_the_broken_pipe_it_causes(tmp_path):
+    big = {b"c": b"x" * (8 << 20)}  # more than a pipe buffer: the writer is still writing when the reader stops
+    for _ in range(5):
+        archive = Archive(_entries(big), _Source(big), str(tmp_path))
+        archive.fetch()
+        with pytest.raises(RuntimeError, match="tar_in: write error"):
+            extract(_Reader("midway"), archive, "/m", str(tmp_path))

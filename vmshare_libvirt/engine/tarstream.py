@@ -253,8 +253,8 @@ def extract(g, archive: Archive, directory: str, workdir: str) -> None:
     """``tar_in`` the archive into ``directory`` while a thread writes it into a FIFO.
 
     The appliance unpacks while the host is still writing, and no tar file is
-    stored.  An error on the writing side wins over the truncated-tar error
-    the appliance then reports.
+    stored.  An error on the writing side (a file that changed while it was
+    read) wins over the truncated-tar error the appliance then reports.
     """
     fifo = os.path.join(workdir, f"stream-{threading.get_ident()}.tar")
     os.mkfifo(fifo, 0o600)
@@ -271,9 +271,11 @@ def extract(g, archive: Archive, directory: str, workdir: str) -> None:
     try:
         g.tar_in(fifo, directory, xattrs=True, selinux=True, acls=True)
     except RuntimeError:
-        if not failure:
-            _unblock(fifo, th)
-            raise
+        _unblock(fifo, th)
+        # the writer's own error is the cause, unless it only saw the appliance stop reading
+        if failure and not isinstance(failure[0], BrokenPipeError):
+            raise failure[0] from None
+        raise
     finally:
         _unblock(fifo, th)
         os.unlink(fifo)
