@@ -137,6 +137,14 @@ class _Scan:
     zero_allocated: set[int]  # host offsets of zero-flagged allocated entries
 
 
+class Refused(OperationError):
+    """The image was not deduplicated and was left byte for byte as it was."""
+
+
+class NotReleased(OperationError):
+    """The image is deduplicated and consistent, but the freed clusters still take space."""
+
+
 class _Refused(Exception):
     """Raised during the scan; turned into :class:`OperationError` by the caller."""
 
@@ -525,8 +533,7 @@ def dedup_clusters(path: str, progress: Callable[[str], None] | None = None) -> 
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise OperationError(f"cannot open for deduplication: {exc.strerror}; {_UNCHANGED}",
-                             target=path) from None
+        raise Refused(f"cannot open for deduplication: {exc.strerror}; {_UNCHANGED}", target=path) from None
     try:
         return _dedup_fd(fd, path, progress)
     finally:
@@ -548,11 +555,9 @@ def _dedup_fd(fd: int, path: str, progress: Callable[[str], None]) -> DedupResul
         canonical_of, references = _match(fd, header, hosts)
         tables = _l2_edits(fd, header, found, canonical_of, references)
     except _Refused as exc:
-        raise OperationError(f"cannot deduplicate: {exc.reason}; {_UNCHANGED}",
-                             target=path, hint=exc.hint) from None
+        raise Refused(f"cannot deduplicate: {exc.reason}; {_UNCHANGED}", target=path, hint=exc.hint) from None
     except OSError as exc:
-        raise OperationError(f"cannot read the image: {exc.strerror or exc}; {_UNCHANGED}",
-                             target=path) from None
+        raise Refused(f"cannot read the image: {exc.strerror or exc}; {_UNCHANGED}", target=path) from None
     shared = len(canonical_of)
     freed = shared * header.cluster_size
     if not shared:
@@ -568,7 +573,7 @@ def _dedup_fd(fd: int, path: str, progress: Callable[[str], None]) -> DedupResul
     try:
         _punch(fd, header, list(canonical_of))
     except OSError as exc:
-        raise OperationError(f"the image is deduplicated and consistent, but releasing the freed "
+        raise NotReleased(f"the image is deduplicated and consistent, but releasing the freed "
                              f"clusters failed: {exc.strerror or exc}", target=path,
                              hint="the filesystem must support FALLOC_FL_PUNCH_HOLE") from None
     progress(f"released {freed / MiB:.1f} MiB of duplicate clusters")

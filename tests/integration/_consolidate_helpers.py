@@ -99,6 +99,11 @@ def _main_common(member: str) -> list[syn.Entry]:
         syn.file(f"{C}/meta-mode.bin", noise("mode", 2 * MiB), mode=0o600 if m == "c" else 0o644),
         syn.file(f"{C}/meta-xattr.bin", noise("xattr", 2 * MiB), xattrs={"user.tag": b"only-c"} if m == "c" else {}),
     ]
+    # the root directory's own xattrs (NUL-terminated like SELinux labels), one member with one more
+    root_x = {"user.rootlabel": b"shared-root\0"}
+    if m == "c":
+        root_x["security.selinux"] = b"system_u:object_r:root_t:s0\0"
+    entries.insert(0, syn.directory(".", xattrs=root_x))
     # an entry whose type differs in one member: never shared
     if m == "c":
         entries.append(syn.symlink(f"{C}/typediff", "readme.txt"))

@@ -221,6 +221,17 @@ def test_view_equals_the_original(views, key):
         assert not diffs, f"partition {part} (vmshare manifest): {diffs}"
 
 
+def test_root_directory_xattrs_carried_over(views):
+    """Guard for the comparison above: the roots carry xattrs, and member c's differ from the others'."""
+    for key in MAIN:
+        want = {"user.rootlabel": b"shared-root\0"}
+        if key == "c":
+            want["security.selinux"] = b"system_u:object_r:root_t:s0\0"
+        for side in ("orig", "new"):
+            got = dict(views[f"{key}-{side}"].manifest[1].entries[b""].xattrs)
+            assert got == want, f"{key}-{side}: root xattrs {got}"
+
+
 def test_original_layout_is_what_was_built(views):
     """Guard for the comparison above: the three members really differ in size but share the start."""
     sizes = {k: views[f"{k}-orig"].layout["size"] for k in MAIN}

@@ -15,7 +15,6 @@ import pytest
 
 from vmshare_libvirt import qcow2_dedup
 from vmshare_libvirt.domains import qemu_lock_held
-from vmshare_libvirt.errors import OperationError
 from vmshare_libvirt.qcow2_dedup import dedup_clusters
 
 pytestmark = [
@@ -142,7 +141,7 @@ def test_dedup_shares_duplicates_and_keeps_content(image: Path, tmp_path: Path):
 
     # A second run finds shared clusters (refcount > 1) and refuses without writing.
     digest = sha256(image)
-    with pytest.raises(OperationError, match=f"refcount {AB_CLUSTERS}, expected 1"):
+    with pytest.raises(qcow2_dedup.Refused, match=f"refcount {AB_CLUSTERS}, expected 1"):
         dedup_clusters(str(image))
     assert sha256(image) == digest
 
@@ -233,7 +232,7 @@ def test_refusals_leave_the_file_unchanged(image: Path, tmp_path: Path, make, re
     target = make(image, tmp_path)
     digest = sha256(target)
 
-    with pytest.raises(OperationError, match=reason) as info:
+    with pytest.raises(qcow2_dedup.Refused, match=reason) as info:
         dedup_clusters(str(target))
 
     assert "left unchanged" in info.value.message
@@ -256,7 +255,7 @@ def test_image_in_use_is_refused(image: Path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for_lock(image)
-        with pytest.raises(OperationError, match="in use"):
+        with pytest.raises(qcow2_dedup.Refused, match="in use"):
             dedup_clusters(str(image))
     finally:
         holder.communicate(b"quit\n", timeout=10)

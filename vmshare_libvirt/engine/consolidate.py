@@ -395,10 +395,16 @@ class Consolidation:
 
 def share_identical_clusters(build_path: str, tmp: str, progress: Callable[[str], None]) -> None:
     """Store identical 4 KiB blocks of a base being published once (qcow2 clusters with refcount > 1;
-    QEMU copies such a cluster before any write).  The result must pass ``qemu-img check`` and show
-    exactly the content of the filesystem build it was converted from."""
-    result = qcow2_dedup.dedup_clusters(tmp, progress)
-    if result.shared:
-        qemu_img.check(tmp, "qcow2").raise_for_problems()
-        if not qemu_img.compare(build_path, "qcow2", tmp, "qcow2"):
-            raise VerificationError(f"{tmp}: the base differs from its build after sharing identical clusters")
+    QEMU copies such a cluster before any write).  Only saves space: an image the deduplication does
+    not support stays as qemu-img wrote it.  The result must pass ``qemu-img check`` and show exactly
+    the content of the filesystem build it was converted from."""
+    try:
+        qcow2_dedup.dedup_clusters(tmp, progress)
+    except qcow2_dedup.Refused as exc:
+        log.warning("%s", exc.message)
+        progress("identical clusters of the base stay separate: " + exc.message)
+    except qcow2_dedup.NotReleased as exc:
+        log.warning("%s", exc.message)
+    qemu_img.check(tmp, "qcow2").raise_for_problems()
+    if not qemu_img.compare(build_path, "qcow2", tmp, "qcow2"):
+        raise VerificationError(f"{tmp}: the base differs from its build after sharing identical clusters")
