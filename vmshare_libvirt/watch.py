@@ -573,6 +573,9 @@ class Watcher:
             self._note(Done(name, "dropped",
                             f"undefined; {member.disk_path} left group {member.group_name} (the overlay stays valid)"))
         self.store.forget_inventory(name)
+        dropped = self.store.drop_queued_jobs(name, "the domain was undefined")
+        if dropped:
+            self._note(Done(name, "dropped", f"undefined; {dropped} queued job(s) dropped"))
 
     def consider(self, name: str, dom=None) -> str | None:
         """Automatic enrollment of one domain; returns what happened (a :class:`Done` ``what``) or None."""

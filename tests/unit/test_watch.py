@@ -325,6 +325,16 @@ def test_undefine_drops_member_and_inventory(tmp_path, store):
     assert w.done[-1].what == "dropped"
 
 
+def test_undefine_drops_the_domains_queued_jobs(tmp_path, store):
+    waiting = store.enqueue("enroll", "web1", {}, wait_for="domain-stopped")
+    other = store.enqueue("enroll", "web2", {}, wait_for="domain-stopped")
+    w = make(tmp_path, store, FakeConn(), FakeEngine())
+    w.apply(Action.UNDEFINED, "web1")
+    assert store.get_job(waiting).state == "failed" and "undefined" in store.get_job(waiting).error
+    assert store.get_job(other).state == "queued"
+    assert w.done[-1].what == "dropped" and "1 queued job" in w.done[-1].detail
+
+
 def test_rename_moves_the_member(tmp_path, store):
     add_member(store, "old", "/images/disk.qcow2")
     engine = FakeEngine()

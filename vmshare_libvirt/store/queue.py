@@ -63,6 +63,12 @@ class QueueMixin(StoreBase):
             if cur.rowcount != 1:
                 raise StoreError(f"job {job_id} is not running")
 
+    def drop_queued_jobs(self, domain: str, reason: str) -> int:
+        """Fail every job still queued for ``domain`` (it was undefined: nothing would ever run them)."""
+        with self._write() as conn:
+            return conn.execute("UPDATE jobs SET state = 'failed', error = ?, updated_at = ? "
+                                "WHERE domain = ? AND state = 'queued'", (reason, time.time(), domain)).rowcount
+
     def requeue_running_jobs(self) -> int:
         """Put jobs left ``running`` by a daemon that died back in the queue (call at start-up)."""
         with self._write() as conn:
