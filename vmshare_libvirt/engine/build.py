@@ -21,7 +21,7 @@ from ..guest.inspect import SUPPORTED_FS, DiskLayout, Filesystem
 from ..guest.manifest import FilesystemReader, is_api_path
 from ..guest.session import GuestSession
 from ..plan import FsCommon
-from .tarstream import Archive, ContentSource, Spool, extract
+from .tarstream import ContentSource, Spool, copy_in
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,7 @@ def fill_base(session: GuestSession, base_dev: str, fc: FsCommon, donor: Spool, 
             entries.append(Entry(path=path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid, size=d.size,
                                  allocated=d.allocated, mtime_ns=e.mtime_ns, rdev=d.rdev, target=d.target,
                                  xattrs=e.xattrs, ino=d.ino, nlink=d.nlink, digest=d.digest))
-        archive = Archive(entries, donor, workdir)
-        try:
-            archive.fetch()
-            extract(g, archive, mp, workdir)
-        finally:
-            archive.close()
-        digests = archive.digests
+        digests = copy_in(g, entries, donor, mp, workdir)
         # mkfs made lost+found; the base may hold only what every member has
         if b"lost+found" not in fc.paths and g.is_dir(f"{mp}/lost+found"):
             g.rmdir(f"{mp}/lost+found")
@@ -280,15 +274,8 @@ def apply_delta(session: GuestSession, dev: str, member: Manifest, fc: FsCommon,
     through_tar, api_fix = split_delta(member, fc, private, metadata)
     mp = session.new_mountpoint("ovl")
     g.mount_options(WRITE_MOUNT_OPTIONS, dev, mp)
-    digests: dict[bytes, str] = {}
     try:
-        archive = Archive(through_tar, ContentSource(source, member, workdir), workdir)
-        try:
-            archive.fetch()  # reads the original through this appliance: before the tar streams in
-            extract(g, archive, mp, workdir)
-        finally:
-            archive.close()
-        digests.update(archive.digests)
+        digests = copy_in(g, through_tar, ContentSource(source, member, workdir), mp, workdir)
         sockets = [e for e in through_tar if e.kind == "s"]
         for e in sockets:
             if not is_api_path(e.path):

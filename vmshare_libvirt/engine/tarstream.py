@@ -177,14 +177,14 @@ class Archive:
         self.source = source
         self.workdir = workdir
         self.digests: dict[bytes, str] = {}
-        self.first_of_inode: dict[int, bytes] = {}
+        first_of_inode: dict[int, bytes] = {}
         self.link_to: dict[bytes, bytes] = {}
         for e in self.entries:
             if e.kind == "f" and e.nlink > 1 and e.ino:
-                if e.ino in self.first_of_inode:
-                    self.link_to[e.path] = self.first_of_inode[e.ino]
+                if e.ino in first_of_inode:
+                    self.link_to[e.path] = first_of_inode[e.ino]
                 else:
-                    self.first_of_inode[e.ino] = e.path
+                    first_of_inode[e.ino] = e.path
         self.stored: dict[bytes, str] = {}
         self.content_dir: str | None = None
 
@@ -247,6 +247,22 @@ class Archive:
         if self.content_dir:
             shutil.rmtree(self.content_dir, ignore_errors=True)
             self.content_dir = None
+
+
+def copy_in(g, entries: Iterable[Entry], source: ContentSource | Spool | None, directory: str,
+            workdir: str) -> dict[bytes, str]:
+    """Recreate ``entries`` under ``directory`` in the appliance; returns path -> sha256 of the files.
+
+    The content is fetched first (it may be read through the same appliance),
+    then the archive streams into ``tar_in``.
+    """
+    archive = Archive(entries, source, workdir)
+    try:
+        archive.fetch()
+        extract(g, archive, directory, workdir)
+    finally:
+        archive.close()
+    return archive.digests
 
 
 def extract(g, archive: Archive, directory: str, workdir: str) -> None:
