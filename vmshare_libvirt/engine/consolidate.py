@@ -29,7 +29,7 @@ from typing import Callable
 from .. import fingerprint, qcow2_dedup, qemu_img
 from ..config import Config
 from ..errors import BlockedError, OperationError, VerificationError, VmshareError
-from ..plan import Target
+from ..plan import GroupPlan, Plan, Target
 from ..survey import Survey
 from . import basemanifest, build, overlay
 from .tarstream import Spool
@@ -211,10 +211,7 @@ class Consolidation:
 
         plan = survey(members, formats, self.cfg.appliance, self.progress)
         outcome.plan_json = plan.to_json()
-        if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
-            raise BlockedError("these domains cannot share one base: "
-                               + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
-        gp = plan.groups[0]
+        gp = _one_group(plan, members)
         name = group or default_group_name(gp.members[0])
         outcome.group = name
         bdir = base_dir(self.cfg, name)
@@ -254,10 +251,7 @@ class Consolidation:
 
                 plan = survey.run(members, spool_for)
                 outcome.plan_json = plan.to_json()
-                if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
-                    raise BlockedError("these domains cannot share one base: "
-                                       + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
-                gp = plan.groups[0]
+                gp = _one_group(plan, members)
                 name = group or default_group_name(gp.members[0])
                 if not self.existing and self.store.get_group(name) is not None and self.store.members(group_name=name):
                     raise BlockedError(f"group {name} already exists", hint="use 'vmshare enroll' or another --group name")
@@ -391,6 +385,14 @@ class Consolidation:
             remove_quietly(orig)
         self.store.clear_busy(self.op_id, t.disk_path)
         return None
+
+
+def _one_group(plan: Plan, members: list[Target]) -> GroupPlan:
+    """The plan's only group, holding every member; else why these domains cannot share a base."""
+    if len(plan.groups) != 1 or len(plan.groups[0].members) != len(members):
+        raise BlockedError("these domains cannot share one base: "
+                           + "; ".join(f"{e.target}: {e.reason}" for e in plan.excluded))
+    return plan.groups[0]
 
 
 def share_identical_clusters(build_path: str, tmp: str, progress: Callable[[str], None]) -> None:
