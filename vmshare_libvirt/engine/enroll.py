@@ -130,15 +130,15 @@ def _enroll_locked(cfg, conn, store, domain, group, progress) -> EnrollOutcome:
         raise
     if missing:
         return _regroup_or_queue(cfg, conn, store, domain, gname, missing, progress)
+    gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
     minimum = cfg.auto_enroll.min_saving_bytes
     if minimum:
-        gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
         saving = t.allocated_bytes - gp.predicted_overlay_bytes(t)
         if saving < minimum:
             return EnrollOutcome(domain, "skipped", gname,
                                  f"predicted saving {saving} bytes is below auto_enroll.min_saving_bytes ({minimum})")
     verify_bases(store, gname)
-    return _build_and_switch(cfg, conn, store, t, fmt, gname, gen, common, base_layout, uuids, progress)
+    return _build_and_switch(cfg, conn, store, t, fmt, gname, gen, gp, base_layout, uuids, progress)
 
 
 def _regroup_or_queue(cfg, conn, store, domain: str, gname: str, missing: int, progress) -> EnrollOutcome:
@@ -207,7 +207,7 @@ def _pair_or_remember(cfg, conn, store, t: Target, os_info: dict, progress) -> E
     return EnrollOutcome(t.name, "remembered", None, "no group or other domain matches yet")
 
 
-def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, common, base_layout, uuids,
+def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, gp: GroupPlan, base_layout, uuids,
                       progress) -> EnrollOutcome:
     from .recover import rollback_operation
 
@@ -221,7 +221,6 @@ def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, co
         seq = c._intent("create-overlay", {"path": new, "disk": t.disk_path})
         qemu_img.create(new, "qcow2", vsize, backing=gen.path, backing_fmt="qcow2", cluster_size=overlay.CLUSTER_SIZE)
         c._done(seq, "create-overlay")
-        gp = GroupPlan([t], t.inspection.os, common, {t.name: member_delta(t.manifests, common)}, t.name)
         _check_cancel(store, c.op_id, t.name)
         seq = c._intent("build-overlays", {"paths": [new]})
         overlay.build_all(cfg.appliance, progress, str(cfg.store_dir), gp, {t.name: fmt}, {t.name: new},
