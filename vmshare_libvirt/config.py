@@ -199,6 +199,7 @@ def parse(text: str, source: Path | None = None) -> Config:
     for key, value in values["watch"].items():
         if value < 1:
             raise ConfigError(f"watch.{key}: must be at least 1", target=str(source or "config"))
+    parallel = _parallel(values["appliance"]["parallel"])
     return Config(
         store_dir=Path(values["store_dir"]),
         libvirt_uri=values["libvirt_uri"],
@@ -207,8 +208,8 @@ def parse(text: str, source: Path | None = None) -> Config:
             backend=values["appliance"]["backend"],
             backend_settings=tuple(values["appliance"]["backend_settings"]),
             memsize_mb=values["appliance"]["memsize_mb"],
-            parallel=_parallel(values["appliance"]["parallel"]),
-            smp=_smp(values["appliance"]["smp"], _parallel(values["appliance"]["parallel"])),
+            parallel=parallel,
+            smp=_smp(values["appliance"]["smp"], parallel),
         ),
         auto_enroll=AutoEnrollPolicy(
             enabled=values["auto_enroll"]["enabled"],
