@@ -25,6 +25,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import process
 from . import close_appliance, create_qcow2, open_appliance, partition_and_format
@@ -133,27 +134,20 @@ def grub_images(work: Path) -> tuple[Path, Path]:
 
 def build_grub(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
     """Build a bootable qcow2 at ``out_path`` that boots with GRUB (one appliance launch)."""
-    started = time.monotonic()
-    out_path = create_qcow2(out_path, size_mb)
-    kernel, initrd = host_kernel()
-    work = Path(tempfile.mkdtemp(prefix="vmshare-boot-"))
+    work = Path(tempfile.mkdtemp(prefix="vmshare-grub-"))
     try:
-        boot_img, core_img = grub_images(work)
-        tar = write_tar(_tree(hostname) + _grub_modules(), work / "tree.tar")
-        g = open_appliance([out_path])
-        try:
-            device, uuid = _install_tree(g, tar, kernel, initrd)
+        boot_img, core_img = grub_images(work)  # before the appliance starts: fails fast without grub-pc-bin
+
+        def install(g, device: str, uuid: str) -> None:
             g.write("/boot/grub/grub.cfg", _grub_cfg(uuid))
             g.umount_all()
             # Raw bytes go through files: the binding would encode a str buffer as UTF-8.
             g.upload_offset(str(boot_img), device, 0)
             g.upload_offset(str(core_img), device, 512)
-        finally:
-            close_appliance(g)
+
+        return _build(out_path, size_mb, _tree(hostname) + _grub_modules(), "GRUB-bootable", install)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("built GRUB-bootable disk %s in %.1f s", out_path, time.monotonic() - started)
-    return out_path
 
 
 def _install_tree(g, tar: Path, kernel: Path, initrd: Path) -> tuple[str, str]:
@@ -173,26 +167,36 @@ def _install_tree(g, tar: Path, kernel: Path, initrd: Path) -> tuple[str, str]:
 
 
 def build(out_path: Path | str, size_mb: int = 160, hostname: str = "vmshare-boot") -> Path:
-    """Build the bootable qcow2 at ``out_path`` (one appliance launch, ~20 s)."""
+    """Build the bootable qcow2 at ``out_path`` with extlinux (one appliance launch, ~20 s)."""
+
+    def install(g, device: str, uuid: str) -> None:
+        g.write("/boot/extlinux.conf", _extlinux_conf(uuid))
+        g.extlinux("/boot")
+        g.umount_all()
+        # mbr.bin is 440 bytes: it stops before the disk signature and partition table.
+        g.upload(str(MBR_BIN), device)
+
+    return _build(out_path, size_mb, _tree(hostname), "bootable", install)
+
+
+def _build(out_path: Path | str, size_mb: int, tree: list[Entry], what: str,
+           install_loader: Callable[[object, str, str], None]) -> Path:
+    """Create the disk, unpack ``tree`` with the host's kernel, then ``install_loader(g, device, uuid)``."""
     started = time.monotonic()
     out_path = create_qcow2(out_path, size_mb)
     kernel, initrd = host_kernel()
     work = Path(tempfile.mkdtemp(prefix="vmshare-boot-"))
     try:
-        tar = write_tar(_tree(hostname), work / "tree.tar")
+        tar = write_tar(tree, work / "tree.tar")
         g = open_appliance([out_path])
         try:
             device, uuid = _install_tree(g, tar, kernel, initrd)
-            g.write("/boot/extlinux.conf", _extlinux_conf(uuid))
-            g.extlinux("/boot")
-            g.umount_all()
-            # mbr.bin is 440 bytes: it stops before the disk signature and partition table.
-            g.upload(str(MBR_BIN), device)
+            install_loader(g, device, uuid)
         finally:
             close_appliance(g)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("built bootable disk %s in %.1f s", out_path, time.monotonic() - started)
+    log.info("built %s disk %s in %.1f s", what, out_path, time.monotonic() - started)
     return out_path
 
 
