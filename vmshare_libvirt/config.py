@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ SCHEMA: dict[str, Any] = {
         "require_metadata": (bool, False),
         "min_saving_bytes": (int, 0),
     },
+    # libvirt storage pools of the bases: one dir pool per group, named <name>-<group>.
+    "storage_pool": {
+        "enabled": (bool, True),
+        "name": (str, "vmshare-bases"),
+    },
     # Bounds on what a guest may make the host spend.
     "limits": {
         # Entries (files, directories, ...) one guest filesystem may hold: its manifest costs
@@ -64,6 +70,9 @@ SCHEMA: dict[str, Any] = {
     },
 }
 
+
+# A pool name prefix: group names (up to 64 characters) are appended after a '-'.
+_POOL_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}")
 
 # Keys (dotted paths) whose value is a file-system path: non-empty and absolute.
 PATH_KEYS: tuple[str, ...] = ("store_dir",)
@@ -111,6 +120,12 @@ class WatchSettings:
 
 
 @dataclass(frozen=True)
+class StoragePoolSettings:
+    enabled: bool = True
+    name: str = "vmshare-bases"  # prefix: group G's pool is "<name>-G"
+
+
+@dataclass(frozen=True)
 class Config:
     store_dir: Path = Path("/var/lib/libvirt/vmshare")
     libvirt_uri: str = "qemu:///system"
@@ -118,6 +133,7 @@ class Config:
     appliance: ApplianceSettings = field(default_factory=ApplianceSettings)
     auto_enroll: AutoEnrollPolicy = field(default_factory=AutoEnrollPolicy)
     watch: WatchSettings = field(default_factory=WatchSettings)
+    storage_pool: StoragePoolSettings = field(default_factory=StoragePoolSettings)
     source: Path | None = None
 
 
@@ -282,6 +298,10 @@ def _check_values(values: dict[str, Any]) -> None:
     for key, value in values["watch"].items():
         if value < 1:
             raise ConfigError(f"watch.{key}: must be at least 1")
+    prefix = values["storage_pool"]["name"]
+    if not _POOL_PREFIX.fullmatch(prefix):
+        raise ConfigError(f"storage_pool.name: expected 1 to 40 letters, digits, '.', '_' or '-' "
+                          f"starting with a letter or digit, got {prefix!r}")
 
 
 def parse(text: str, source: Path | None = None) -> Config:
@@ -314,6 +334,7 @@ def parse(text: str, source: Path | None = None) -> Config:
             min_saving_bytes=values["auto_enroll"]["min_saving_bytes"],
         ),
         watch=WatchSettings(**values["watch"]),
+        storage_pool=StoragePoolSettings(**values["storage_pool"]),
         source=source,
     )
 

@@ -33,13 +33,13 @@ def test_empty_file_means_defaults():
 def test_packaged_default_config_is_valid_and_matches_the_defaults():
     cfg = config.load(PACKAGED)
     defaults = config.parse("")
-    assert (cfg.store_dir, cfg.libvirt_uri, cfg.appliance, cfg.auto_enroll) == \
-        (defaults.store_dir, defaults.libvirt_uri, defaults.appliance, defaults.auto_enroll)
+    assert (cfg.store_dir, cfg.libvirt_uri, cfg.appliance, cfg.auto_enroll, cfg.storage_pool) == \
+        (defaults.store_dir, defaults.libvirt_uri, defaults.appliance, defaults.auto_enroll, defaults.storage_pool)
 
 
 @pytest.mark.parametrize("text, message", [
     ("colour: blue\n",
-     "colour: unknown key (known keys: appliance, auto_enroll, keep_originals, libvirt_uri, limits, store_dir, watch)"),
+     "colour: unknown key (known keys: appliance, auto_enroll, keep_originals, libvirt_uri, limits, storage_pool, store_dir, watch)"),
     ("auto_enroll:\n  colour: blue\n",
      "auto_enroll.colour: unknown key (known keys: enabled, exclude, include, min_saving_bytes, require_metadata)"),
     ("keep_originals: 'yes'\n", "keep_originals: expected bool, got str"),
@@ -182,3 +182,21 @@ def test_validate_reports_a_duplicate_key(tmp_path):
     path.write_text("store_dir: /srv/a\nstore_dir: /srv/b\n")
     rc, out, err = _validate([str(path)])
     assert rc == 1 and out == "" and "store_dir: duplicate key (line 2)" in err
+
+
+def test_storage_pool_defaults_and_values():
+    assert config.parse("").storage_pool == config.StoragePoolSettings(enabled=True, name="vmshare-bases")
+    cfg = config.parse("storage_pool: {enabled: false, name: host1.bases}")
+    assert cfg.storage_pool == config.StoragePoolSettings(enabled=False, name="host1.bases")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("storage_pool: {name: ''}\n", "storage_pool.name: expected 1 to 40 letters"),
+    ("storage_pool: {name: 'a/b'}\n", "storage_pool.name: expected 1 to 40 letters"),
+    ("storage_pool: {name: '-x'}\n", "storage_pool.name: expected 1 to 40 letters"),
+    ("storage_pool: {name: 7}\n", "storage_pool.name: expected str, got int"),
+    ("storage_pool: {colour: blue}\n", "storage_pool.colour: unknown key (known keys: enabled, name)"),
+])
+def test_storage_pool_errors_name_the_key(text, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"config: {message}")):
+        config.parse(text)

@@ -83,15 +83,30 @@ def writing_session(ctx, kind: str, *, wait_s: float | None = None, report: bool
         store = open_store(cfg.store_dir, create=True)
         try:
             with store.lock(wait=wait_s is not None, timeout=wait_s, kind=kind):
-                session = WritingSession(cfg, conn, store, list(recover(store, conn)))
-                if report:
-                    for op_id, op_kind, state in session.recovered:
-                        ctx.stderr.write(f"vmshare: recovered interrupted {op_kind} operation {op_id}: {state}\n")
-                yield session
+                try:
+                    session = WritingSession(cfg, conn, store, list(recover(store, conn)))
+                    if report:
+                        for op_id, op_kind, state in session.recovered:
+                            ctx.stderr.write(f"vmshare: recovered interrupted {op_kind} operation {op_id}: {state}\n")
+                    yield session
+                finally:
+                    sync_pools(ctx, cfg, conn)
         finally:
             store.close()
     finally:
         _close_connection(conn)
+
+
+def sync_pools(ctx, cfg, conn) -> None:
+    """Register and refresh the bases' storage pools (:mod:`vmshare_libvirt.pool`); problems are only warnings."""
+    from .. import pool
+
+    try:
+        warnings = pool.sync(conn, cfg)
+    except Exception as exc:  # noqa: BLE001 - a pool never fails the command that changed the bases
+        warnings = [f"{type(exc).__name__}: {exc}"]
+    for text in warnings:
+        ctx.stderr.write(f"vmshare: warning: storage pool {text}\n")
 
 
 def _close_connection(conn) -> None:
