@@ -174,6 +174,7 @@ class Enroller:
         """
         try:
             outcome = self.enroll_fn(self.cfg, conn, self.store, name, group, _progress(name))
+            _sync_pools(conn, self.cfg)
         except BusyError as exc:
             detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
             return _Attempt(self.done.note(Done(name, BUSY, detail, job)), exc.message)
@@ -201,6 +202,14 @@ class Enroller:
             if job.kind == JOB_ENROLL:
                 return job
         return None
+
+
+def _sync_pools(conn: Any, cfg: Config) -> None:
+    """Refresh the bases' storage pools after the engine ran; a pool problem is only logged."""
+    from ..pool import sync
+
+    for text in sync(conn, cfg):
+        log.warning("storage pool %s", text)
 
 
 def _progress(name: str) -> Callable[[str], None]:
