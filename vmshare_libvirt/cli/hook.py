@@ -104,12 +104,18 @@ def register(subparsers) -> None:
                          help="do not check that the interpreter can import the hook")
     install.set_defaults(func=_install)
 
-    uninstall = actions.add_parser("uninstall", help="remove the hook")
-    uninstall.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    uninstall = actions.add_parser("uninstall", help="remove the hook",
+                                   description="Remove the vmshare hook shim from the hook directory.  A file "
+                                               "of that name that is not a vmshare hook is left in place.  Guests "
+                                               "then start without vmshare's checks.")
+    uninstall.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"hook directory (default: {DEFAULT_DIR})")
     uninstall.set_defaults(func=_uninstall)
 
-    status = actions.add_parser("status", help="is the hook installed, and with which interpreter")
-    status.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    status = actions.add_parser("status", help="is the hook installed, and with which interpreter",
+                                description="Show whether the hook is installed, the interpreter, configuration "
+                                            "and store written into it, and whether it is what this vmshare "
+                                            "installs.  Exit status 1 when it is not installed.")
+    status.add_argument("--dir", type=Path, default=DEFAULT_DIR, help=f"hook directory (default: {DEFAULT_DIR})")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_status)
 

@@ -6,7 +6,12 @@ from ._common import writing_session
 
 
 def register(sub) -> None:
-    p = sub.add_parser("recover", help="finish or undo an operation that was interrupted (crash, kill, power loss)")
+    p = sub.add_parser("recover", help="finish or undo an operation that was interrupted (crash, kill, power loss)",
+                       description="Finish or undo every operation whose process is gone (killed, crashed, power "
+                                   "loss), step by step from its journal: a switch that already put the verified "
+                                   "overlay at the disk path is completed, everything before it is undone.  Every "
+                                   "writing command does this first; 'recover' does only this.  Waits up to 30 s "
+                                   "for a running operation.")
     p.set_defaults(func=run)
 
 

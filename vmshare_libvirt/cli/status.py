@@ -9,8 +9,11 @@ from ._common import human_bytes
 
 
 def register(sub) -> None:
-    p = sub.add_parser("status", help="show groups, their bases and members, and the space saved")
-    p.add_argument("group", nargs="?", metavar="GROUP")
+    p = sub.add_parser("status", help="show groups, their bases and members, and the space saved",
+                       description="Show each group with its base generations (path, state, size, members) and "
+                                   "its members (disk, size before and now, generation, state), and the space "
+                                   "saved; kept originals count until 'vmshare commit'.  Reads the store only.")
+    p.add_argument("group", nargs="?", metavar="GROUP", help="show only this group")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
