@@ -52,6 +52,14 @@ SCHEMA: dict[str, Any] = {
         "enabled": (bool, True),
         "name": (str, "vmshare-bases"),
     },
+    # Offline patching ('vmshare patch').
+    "patch": {
+        # A patch keeps each member's replaced overlay so that 'rollback --generation' can take it back;
+        # after this many days it is deleted, and a base generation nothing uses any more goes with it.
+        "keep_overlays_days": (int, 30),
+        # --shutdown: how long to wait for a clean guest shutdown before giving up (or --force-off).
+        "shutdown_timeout_s": (int, 120),
+    },
     # Bounds on what a guest may make the host spend.
     "limits": {
         # Entries (files, directories, ...) one guest filesystem may hold: its manifest costs
@@ -126,6 +134,12 @@ class StoragePoolSettings:
 
 
 @dataclass(frozen=True)
+class PatchSettings:
+    keep_overlays_days: int = 30
+    shutdown_timeout_s: int = 120
+
+
+@dataclass(frozen=True)
 class Config:
     store_dir: Path = Path("/var/lib/libvirt/vmshare")
     libvirt_uri: str = "qemu:///system"
@@ -134,6 +148,7 @@ class Config:
     auto_enroll: AutoEnrollPolicy = field(default_factory=AutoEnrollPolicy)
     watch: WatchSettings = field(default_factory=WatchSettings)
     storage_pool: StoragePoolSettings = field(default_factory=StoragePoolSettings)
+    patch: PatchSettings = field(default_factory=PatchSettings)
     source: Path | None = None
 
 
@@ -298,6 +313,9 @@ def _check_values(values: dict[str, Any]) -> None:
     for key, value in values["watch"].items():
         if value < 1:
             raise ConfigError(f"watch.{key}: must be at least 1")
+    for key, value in values["patch"].items():
+        if value < 1 if key == "shutdown_timeout_s" else value < 0:
+            raise ConfigError(f"patch.{key}: must be at least {1 if key == 'shutdown_timeout_s' else 0}")
     prefix = values["storage_pool"]["name"]
     if not _POOL_PREFIX.fullmatch(prefix):
         raise ConfigError(f"storage_pool.name: expected 1 to 40 letters, digits, '.', '_' or '-' "
@@ -335,6 +353,7 @@ def parse(text: str, source: Path | None = None) -> Config:
         ),
         watch=WatchSettings(**values["watch"]),
         storage_pool=StoragePoolSettings(**values["storage_pool"]),
+        patch=PatchSettings(**values["patch"]),
         source=source,
     )
 
