@@ -213,10 +213,14 @@ def domains_using_path(
 
 def allowed_image_dirs(conn: libvirt.virConnect) -> list[str]:
     """Directories vmshare may touch: the default image directory and every
-    storage pool's target path (never ``/`` itself)."""
+    storage pool's target path (never ``/`` itself, never the pool of a
+    vmshare store's bases: bases are no guest disks)."""
+    from .pool import is_bases_pool_dir
+
     dirs = [DEFAULT_IMAGE_DIR]
     for path in pool_target_paths(conn):
-        if os.path.isabs(path) and os.path.realpath(path) != "/" and path not in dirs:
+        if (os.path.isabs(path) and os.path.realpath(path) != "/" and path not in dirs
+                and not is_bases_pool_dir(path)):
             dirs.append(path)
     return dirs
 

@@ -76,6 +76,18 @@ def is_stale(name: str, path: str | None, prefix: str) -> bool:
     return last == group and os.path.basename(parent) == "bases" and not os.path.isdir(path)
 
 
+def is_bases_pool_dir(path: str) -> bool:
+    """Whether ``path`` is a group directory of a vmshare store (``<store>/bases/<group>``, ``<store>/state.db``).
+
+    Such a pool lists bases; it is no image directory: no disk vmshare changes may live there
+    (:func:`vmshare_libvirt.domains.allowed_image_dirs` leaves these pools out, as before they existed).
+    """
+    from .statedb import DB_NAME
+
+    bases = os.path.dirname(os.path.normpath(path))
+    return os.path.basename(bases) == "bases" and os.path.isfile(os.path.join(os.path.dirname(bases), DB_NAME))
+
+
 def has_pool_api(conn: Any) -> bool:
     return callable(getattr(conn, "listAllStoragePools", None))
 

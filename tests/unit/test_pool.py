@@ -149,3 +149,18 @@ def test_libvirt_failures_are_warnings_on_stderr_never_errors(cfg):
     lines = err.getvalue().splitlines()
     assert len(lines) == 2 and all(line.startswith("vmshare: warning: storage pool vmshare-bases-") for line in lines)
     assert "storage driver down" in lines[0]
+
+
+def test_bases_pools_are_no_image_directories(cfg, tmp_path, monkeypatch):
+    from vmshare_libvirt import domains
+
+    (tmp_path / "store" / "state.db").write_text("")
+    images = tmp_path / "images"
+    images.mkdir()
+    assert pool.is_bases_pool_dir(str(tmp_path / "store" / "bases" / "web"))
+    assert not pool.is_bases_pool_dir(str(images)) and not pool.is_bases_pool_dir("/")
+    conn = FakeConn()
+    pool.sync(conn, cfg)
+    conn.storagePoolDefineXML(pool.pool_xml("images", str(images)), 0)
+    monkeypatch.setattr(domains, "DEFAULT_IMAGE_DIR", "/var/lib/libvirt/images")
+    assert domains.allowed_image_dirs(conn) == ["/var/lib/libvirt/images", str(images)]
