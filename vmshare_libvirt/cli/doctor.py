@@ -308,7 +308,9 @@ class Doctor:
         return Check("hook", OK, f"installed at {info['path']} (python {info['python']})")
 
     def check_hook_seen(self) -> Check:
-        path = self._hook_dir() / "50-vmshare"
+        from .hook import HOOK_NAME
+
+        path = self._hook_dir() / HOOK_NAME
         try:
             hook_changed = os.stat(path).st_ctime
         except FileNotFoundError:
