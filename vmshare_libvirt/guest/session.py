@@ -4,12 +4,26 @@ The session is the only owner of a ``guestfs.GuestFS`` handle.  Disks are
 always added with an explicit format.  ``close()`` calls ``shutdown()`` first
 and raises if the appliance reports a write-back error: a handle that only
 read never fails there, one that wrote must not hide a lost write.
+
+A write the host cannot store (its filesystem is full) makes QEMU pause the
+appliance (its default ``werror=enospc``) until someone resumes it, and
+libguestfs never does: the call in flight would wait for ever.  With the direct
+backend every session therefore opens QEMU's monitor (QMP) and watches it
+(:class:`SpaceWatch`): when QEMU reports that it stopped on a write error, the
+watch records the directory of the image that could not grow and ends QEMU, so
+the call fails and the caller's failure path undoes its work.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
+import shutil
+import socket
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +52,129 @@ def _device_name(index: int) -> str:
     return f"/dev/sd{letters}"
 
 
+# Appliances stopped because a filesystem under one of their images filled: (monotonic time, directory).
+_space_stops: list[tuple[float, str]] = []
+_space_stops_lock = threading.Lock()
+
+
+def space_stops_since(started: float) -> list[str]:
+    """Directories where an appliance of this process was stopped for lack of space since ``started``
+    (a ``time.monotonic()`` reading)."""
+    with _space_stops_lock:
+        return sorted({d for t, d in _space_stops if t >= started})
+
+
+def _record_space_stop(directory: str) -> None:
+    with _space_stops_lock:
+        _space_stops.append((time.monotonic(), directory))
+        del _space_stops[:-64]
+
+
+class SpaceWatch:
+    """QEMU's monitor of one direct-backend appliance, read by a thread of its own.
+
+    On a ``BLOCK_IO_ERROR`` event whose action is ``stop`` (QEMU paused the appliance because a
+    write failed, by default only for ENOSPC), the image's directory is recorded
+    (:func:`space_stops_since`) and QEMU is told to quit: the libguestfs call waiting for the
+    paused appliance then fails instead of waiting for ever.  Nothing the stopped appliance wrote
+    is used: the operation is undone by its caller.
+    """
+
+    CONNECT_TIMEOUT_S = 10.0
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="vmshare-qmp-")
+        self.socket_path = os.path.join(self._dir, "qmp.sock")
+        self.stopped_dir: str | None = None  # where the image lies whose failed write stopped the appliance
+        self._early: list[dict] = []  # events that came while the watch was starting
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._files: dict[str, str] = {}  # QEMU drive id -> image file
+
+    def qemu_option(self) -> str:
+        """The value of QEMU's ``-qmp`` option (commas in a path are doubled, as QEMU's parser wants)."""
+        return f"unix:{self.socket_path.replace(',', ',,')},server=on,wait=off"
+
+    def start(self, disks: list[AttachedDisk]) -> None:
+        """Connect to the running appliance's monitor and watch it from a thread."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(self.socket_path)
+            stream = sock.makefile("rwb")
+            self._reply(stream)  # the greeting
+            self._command(stream, "qmp_capabilities")
+            blocks = self._command(stream, "query-block")
+        except (OSError, ValueError) as exc:
+            sock.close()
+            raise GuestError(f"cannot watch the appliance through QEMU's monitor: {exc}",
+                             hint="without it an appliance that a full filesystem paused would wait for ever") from exc
+        sock.settimeout(None)
+        self._sock = sock
+        # libguestfs names its drives hd0, hd1, ... in the order they were added
+        self._files = {f"hd{i}": str(d.path) for i, d in enumerate(disks)}
+        for b in blocks if isinstance(blocks, list) else []:
+            file = (b.get("inserted") or {}).get("file", "")
+            if b.get("device") and file.startswith("/"):
+                self._files[b["device"]] = file  # a read-only drive is a temporary overlay
+        self._thread = threading.Thread(target=self._watch, args=(stream,), name="vmshare-qmp", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _send(stream, command: str) -> None:
+        stream.write(json.dumps({"execute": command}).encode() + b"\n")
+        stream.flush()
+
+    def _command(self, stream, command: str):
+        self._send(stream, command)
+        return self._reply(stream)
+
+    def _reply(self, stream):
+        """The next message that is not an event (the greeting, a return value); events before it are
+        kept for the watch."""
+        while True:
+            line = stream.readline()
+            if not line:
+                raise ValueError("the monitor closed the connection")
+            msg = json.loads(line)
+            if "event" in msg:
+                self._early.append(msg)
+            elif "error" in msg:
+                raise ValueError(msg["error"].get("desc", "error"))
+            else:
+                return msg.get("return", msg)
+
+    def _watch(self, stream) -> None:
+        try:
+            for msg in itertools.chain(self._early, (json.loads(line) for line in stream)):
+                data = msg.get("data") or {}
+                if msg.get("event") == "BLOCK_IO_ERROR" and data.get("action") == "stop":
+                    self._stopped(stream, data)
+                    return
+        except (OSError, ValueError) as exc:
+            log.debug("appliance monitor: %s", exc)
+
+    def _stopped(self, stream, data: dict) -> None:
+        file = self._files.get(data.get("device", ""), "")
+        self.stopped_dir = os.path.dirname(file) or file or "an image's directory"
+        log.info("the appliance stopped: %s while writing %s; ending it",
+                 data.get("reason", "a write failed"), file or data.get("device"))
+        if data.get("nospace"):
+            _record_space_stop(self.stopped_dir)
+        self._send(stream, "quit")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._sock.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
 class GuestSession:
     """A libguestfs appliance with a list of disks.
 
@@ -64,6 +201,10 @@ class GuestSession:
         if self._settings.smp > 1:
             self.g.set_smp(self._settings.smp)
         self.disks: list[AttachedDisk] = []
+        self.space_watch: SpaceWatch | None = None
+        if self.g.get_backend() in ("direct", "appliance"):  # QEMU started by libguestfs itself
+            self.space_watch = SpaceWatch()
+            self.g.config("-qmp", self.space_watch.qemu_option())
         self.launched = False
         self._closed = False
         self._wrote = False
@@ -107,6 +248,8 @@ class GuestSession:
                 hint="run 'libguestfs-test-tool'; where nested KVM is broken set appliance.backend_settings: [force_tcg]",
             ) from exc
         self.launched = True
+        if self.space_watch is not None:
+            self.space_watch.start(self.disks)
         log.debug("appliance launched in %.1f s", time.monotonic() - start)
 
     def close(self) -> None:
@@ -130,6 +273,8 @@ class GuestSession:
             log.warning("appliance shutdown after a failure: %s", exc)
         finally:
             self.g.close()
+            if self.space_watch is not None:
+                self.space_watch.close()
 
     # Small helpers shared by the readers and writers -------------------------------------
 
