@@ -68,3 +68,8 @@ class VerificationError(VmshareError):
 
 class OperationError(VmshareError):
     """A multi-step operation failed; the message says what was left untouched."""
+
+
+class NoSpaceError(OperationError):
+    """A filesystem has too little free space for what an operation would write there; raised
+    before the writing starts (the operation, if begun, is undone)."""

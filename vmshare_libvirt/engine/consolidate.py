@@ -21,11 +21,12 @@ from typing import Callable
 
 from .. import qemu_img
 from ..config import Config
-from ..errors import BlockedError, OperationError, VmshareError
+from ..errors import BlockedError, NoSpaceError, OperationError, VmshareError
+from ..guest.session import space_stops_since
 from ..names import validate_group_name
-from ..plan import Target
+from ..plan import GroupPlan, Target
 from . import steps
-from .files import check_free_space
+from .files import by_filesystem, check_free_space, check_free_space_on
 from .members import verify_bases
 from .operation import Operation
 from .switch import FIXABLE, Libvirt, MemberSpec, switch_member
@@ -35,6 +36,34 @@ log = logging.getLogger(__name__)
 # Below this much free space after a failure, the failure is reported as "no space left".
 FULL_FREE_BYTES = 8 * 1024 * 1024
 UNTOUCHED = "every original disk is untouched and temporary files were removed"
+
+
+def check_overlay_space(gp: GroupPlan, members: list[Target]) -> None:
+    """Refuse unless the filesystem of every image directory has room for the new overlays of the
+    ``members`` whose disks it holds: each overlay as the plan predicts it, and the largest of them once
+    more for the compacted copy that sits beside an overlay until it replaces it (one at a time)."""
+    predicted = {t.disk_path: gp.predicted_overlay_bytes(t) for t in members}
+    for dirs in by_filesystem(os.path.dirname(p) for p in predicted):
+        sizes = [n for p, n in predicted.items() if os.path.dirname(p) in dirs]
+        check_free_space_on(dirs, sum(sizes) + max(sizes), "the new overlays")
+
+
+def full_directories(directories: set[str], since: float) -> list[str]:
+    """Which of ``directories`` are (nearly) full now, and where an appliance was stopped for lack of
+    space since ``since`` (``time.monotonic()``)."""
+    full = set(space_stops_since(since))
+    for d in directories:
+        try:
+            if shutil.disk_usage(d).free < FULL_FREE_BYTES:
+                full.add(d)
+        except OSError:
+            continue
+    return sorted(full)
+
+
+def no_space_error(what: str, full: list[str], exc: BaseException) -> OperationError:
+    return OperationError(f"{what} failed: no space left in {', '.join(full)} ({exc.__class__.__name__})",
+                          hint=f"free some space and run again; {UNTOUCHED}")
 
 
 @dataclass
@@ -72,6 +101,7 @@ class Consolidation:
         self.store = store
         self.progress = progress
         self.existing: dict[str, object] = {}  # disk path -> member record, in a regroup
+        self.started = time.monotonic()  # when the operation began (for appliances stopped since)
 
     def run(self, domains: list[str], group: str | None, dry_run: bool, *, regroup: bool = False) -> Outcome:
         """Consolidate ``domains``.  With ``regroup``, ``group`` is an existing group: every one of
@@ -89,6 +119,7 @@ class Consolidation:
         if dry_run:
             return self._dry_run(selected, group, outcome)
         check_free_space(str(self.cfg.store_dir), sum(t.allocated_bytes for t in selected.targets), "the base")
+        self.started = time.monotonic()
         op = Operation.begin(self.store, "regroup" if regroup else "consolidate", {
             "domains": [t.name for t in selected.targets], "disks": [t.disk_path for t in selected.targets],
             "group": group})
@@ -190,6 +221,8 @@ class Consolidation:
 
         started = time.monotonic()
         members = built.group.members
+        # the image directories are first written here; the overlays' sizes are known since the plan
+        check_overlay_space(built.group, members)
         new_paths = steps.create_overlays(op, members, selected.sizes, gen.path)
         steps.build_overlays(op, self.cfg, self.progress, built.group, selected.formats, new_paths,
                              built.layout, built.uuids, gen.path)
@@ -214,25 +247,16 @@ class Consolidation:
     def _failed(self, op: Operation, members: list[Target], exc: Exception) -> Exception:
         """Undo the operation; the error to raise, saying what happened and that nothing was changed."""
         log.debug("consolidation failed: %s", exc)
-        full = self._full_filesystems(members)  # measured before the rollback frees the space
+        # measured before the rollback frees the space
+        full = [] if isinstance(exc, NoSpaceError) else full_directories(
+            {str(self.cfg.store_dir)} | {os.path.dirname(t.disk_path) for t in members}, self.started)
         op.roll_back(str(exc))
+        if isinstance(exc, NoSpaceError):
+            return exc  # refused before writing there; the rollback made "nothing was changed" true
         if full:
-            return OperationError(
-                f"consolidation failed: no space left in {', '.join(full)} ({exc.__class__.__name__})",
-                hint=f"free some space and run again; {UNTOUCHED}")
+            return no_space_error("consolidation", full, exc)
         if isinstance(exc, VmshareError):
             exc.hint = (exc.hint + "; " if exc.hint else "") + UNTOUCHED
             return exc
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         return OperationError(f"consolidation failed: {lines[-1] if lines else type(exc).__name__}", hint=UNTOUCHED)
-
-    def _full_filesystems(self, members: list[Target]) -> list[str]:
-        """Directories written by this operation whose filesystem is (nearly) full."""
-        full = []
-        for d in {str(self.cfg.store_dir)} | {os.path.dirname(t.disk_path) for t in members}:
-            try:
-                if shutil.disk_usage(d).free < FULL_FREE_BYTES:
-                    full.append(d)
-            except OSError:
-                continue
-        return sorted(full)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -31,7 +32,7 @@ from ..plan import GroupPlan, Target, layout_problem, member_delta
 from ..store.records import JOB_ENROLL
 from ..survey import Survey
 from . import basemanifest, steps
-from .consolidate import Consolidation
+from .consolidate import Consolidation, check_overlay_space, full_directories, no_space_error
 from .members import verify_bases
 from .operation import Operation
 from .switch import FIXABLE, STARTED_MEANWHILE, Libvirt, MemberSpec, switch_member
@@ -228,6 +229,8 @@ def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, gp
                       progress) -> EnrollOutcome:
     """An ``enroll`` operation: the newcomer's overlay on the group's current base, built, verified
     and switched.  A start of the domain before the switch cancels it (the guest keeps its disk)."""
+    check_overlay_space(gp, [t])
+    started = time.monotonic()
     op = Operation.begin(store, "enroll", {"domains": [t.name], "disks": [t.disk_path], "group": gname})
     op.mark_busy(t.name, t.disk_path)
     try:
@@ -242,10 +245,13 @@ def _build_and_switch(cfg, conn, store, t: Target, fmt: str, gname: str, gen, gp
             raise BlockedError(reason, target=t.name)
         op.finish()
     except Exception as exc:
+        full = full_directories({str(cfg.store_dir), os.path.dirname(t.disk_path)}, started)
         op.roll_back(str(exc))
         if isinstance(exc, BlockedError) and STARTED_MEANWHILE in exc.message:
             _queue_once(store, JOB_ENROLL, t.name, {"group": gname}, "domain-stopped")
             return EnrollOutcome(t.name, "queued", gname, "the domain was started; enrollment waits until it stops")
+        if full:
+            raise no_space_error("enrollment", full, exc) from exc
         raise
     return EnrollOutcome(t.name, "enrolled", gname, f"overlay on base generation {gen.id}")
 

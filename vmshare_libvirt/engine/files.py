@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 
-from ..errors import OperationError
+from ..errors import NoSpaceError, OperationError
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,25 @@ def file_identity(path: str) -> dict[str, int]:
 
 
 def check_free_space(directory: str, needed: int, what: str) -> None:
-    free = shutil.disk_usage(directory).free
+    """Refuse (:class:`NoSpaceError`) unless ``directory``'s filesystem has ``needed`` bytes free."""
+    check_free_space_on([directory], needed, what)
+
+
+def check_free_space_on(directories: list[str], needed: int, what: str) -> None:
+    """:func:`check_free_space` for directories of one filesystem (see :func:`by_filesystem`),
+    all named in the refusal."""
+    free = shutil.disk_usage(directories[0]).free
     if free < needed:
-        raise OperationError(
-            f"not enough free space in {directory} for {what}: {free // 2**20} MiB free, about {needed // 2**20} MiB needed",
+        raise NoSpaceError(
+            f"not enough free space in {', '.join(directories)} for {what}: {free // 2**20} MiB free, "
+            f"about {-(-needed // 2**20)} MiB needed",
             hint="free some space and run the command again; nothing was changed",
         )
+
+
+def by_filesystem(directories) -> list[list[str]]:
+    """``directories`` grouped by the filesystem that holds them (they share its free space), sorted."""
+    groups: dict[int, list[str]] = {}
+    for directory in sorted(set(directories)):
+        groups.setdefault(os.stat(directory).st_dev, []).append(directory)
+    return list(groups.values())
