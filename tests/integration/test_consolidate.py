@@ -13,6 +13,7 @@ disk areas through their digests, images through ``qemu-img``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -153,7 +155,7 @@ def test_dry_run_changes_nothing(group):
     assert group.after_dry == group.before, "a dry run touched a disk file"
     assert group.files_after_dry == sorted(f"{k}.qcow2" for k in MAIN)
     assert group.bases_after_dry == []
-    assert group.status_after_dry == {"groups": []}
+    assert group.status_after_dry["groups"] == []
 
 
 def test_consolidate_switches_every_member(group):
@@ -443,7 +445,7 @@ def test_kill_at_every_step_then_recover(disks, rundir, lv, crash_names, scratch
         assert ns.store.stray_files() == []
         if not consolidated:
             assert ch.disk_leftovers(ns.work) == [], "temporary or backup files left next to the disks"
-            assert status == {"groups": []}
+            assert status["groups"] == []
             assert ns.store.base_files() == []
             return
         # fully consolidated member: chain, store and view agree
@@ -466,7 +468,7 @@ def test_kill_at_every_step_then_recover(disks, rundir, lv, crash_names, scratch
         rb = ns.store.vmshare("rollback", ns.name["x"])
         assert rb.returncode == 0, rb.stderr
         _assert_untouched(ns, "x")
-        assert ns.store.base_files() == [] and ns.store.status() == {"groups": []}
+        assert ns.store.base_files() == [] and ns.store.status()["groups"] == []
         assert ch.disk_leftovers(ns.work) == []
     finally:
         ns.store.cleanup()
@@ -585,7 +587,7 @@ def test_a_failing_qemu_img_step_aborts_with_nothing_switched(disks, rundir, lv,
         for key in CRASH:
             _assert_untouched(ns, key)
         assert ch.disk_leftovers(ns.work) == [] and ns.store.stray_files() == [] and ns.store.base_files() == []
-        assert ns.store.status() == {"groups": []}
+        assert ns.store.status()["groups"] == []
     finally:
         ns.store.cleanup()
         shutil.rmtree(ns.work, ignore_errors=True)
@@ -676,7 +678,7 @@ def test_running_and_managed_saved_domains_are_refused(disks, rundir, lv, crash_
         assert "running" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert {k: ch.identity(ns.disk[k]) for k in CRASH} == before, "a disk file was touched"
         assert ch.disk_leftovers(ns.work) == [] and ns.store.base_files() == []
-        assert ns.store.status() == {"groups": []}
+        assert ns.store.status()["groups"] == []
 
         dom.managedSave(0)
         assert not dom.isActive() and dom.hasManagedSaveImage(0)
@@ -723,7 +725,7 @@ def _assert_full_pair_untouched(ns, store) -> None:
         assert ch.sha256_file(ns.disk[key]) == ns.sha[key]
     assert ch.disk_leftovers(ns.work) == []
     assert store.stray_files() == [] and store.base_files() == []
-    assert store.status() == {"groups": []}
+    assert store.status()["groups"] == []
 
 
 def test_store_without_room_is_refused_up_front(disks, rundir, lv):
@@ -768,6 +770,113 @@ def test_disk_full_during_the_build_aborts_cleanly(disk_full):
 def test_disk_full_message_names_the_cause(disk_full):
     message = disk_full.result.stderr.strip()
     assert message.startswith(f"vmshare: error: consolidation failed: no space left in {disk_full.mount} ("), message
+
+
+# ---------------------------------------------------------------- the image directory filling up
+
+HANG_S = 300  # a consolidation of f1/f2 takes well under a minute: past this it hangs
+
+
+def _pair_in_a_small_tmpfs(disks, rundir, lv, case: str, room: int) -> SimpleNamespace:
+    """f1/f2 (compressed) alone in a tmpfs of their own under the image root, ``room`` bytes left free."""
+    work = rundir / case
+    ch.make_tmpfs(work, 64 * ch.MiB)
+    try:
+        ns = _full_pair(disks, rundir, lv, case)
+        ch.run(["mount", "-o", f"remount,size={shutil.disk_usage(work).used + room}", str(work)])
+    except BaseException:
+        ch.unmount(work)
+        raise
+    ns.store = ch.Store(case)
+    return ns
+
+
+def _drop_tmpfs_pair(ns, lv) -> None:
+    ns.store.cleanup()
+    _drop_full_pair(ns, lv)
+    if ch.run(["umount", str(ns.work)], check=False).returncode != 0:  # held only by a QEMU paused for ever
+        ch.run(["fuser", "-k", "-m", str(ns.work)], check=False)
+        wait_for(lambda: ch.run(["umount", str(ns.work)], check=False).returncode == 0, 30,
+                 "the killed appliance to let go of the tmpfs")
+    shutil.rmtree(ns.work, ignore_errors=True)
+
+
+def _assert_only_the_originals(ns) -> None:
+    assert sorted(p.name for p in ns.work.iterdir()) == ["f1.qcow2", "f2.qcow2"]
+    _assert_full_pair_untouched(ns, ns.store)  # content, no base, no temporaries, no group
+    assert _busy_disks(ns.store.dir) == [], "the hook would still refuse the domains' starts"
+
+
+def _step_under_way(store_dir: Path, name: str) -> bool:
+    if not (store_dir / "state.db").exists():
+        return False
+    with Store.open(store_dir, create=False, readonly=True) as s:
+        return any(step.name == name and step.state == "intent"
+                   for op in s.unfinished_operations() for step in s.operation_steps(op.id))
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until its filesystem is full."""
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (b"\xff" * ch.MiB, b"\xff" * 4096):
+            try:
+                while True:
+                    f.write(chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc
+
+
+def test_an_image_directory_without_room_for_the_overlays_is_refused_up_front(disks, rundir, lv):
+    """64 KiB left where the disks are: once the plan predicts the overlays, before the first byte is
+    written there, the consolidation is refused (the base built meanwhile is undone)."""
+    ns = _pair_in_a_small_tmpfs(disks, rundir, lv, "imgfull-upfront", 64 * 1024)
+    try:
+        r = ns.store.vmshare("consolidate", *ns.name.values(), timeout=HANG_S)
+        assert r.returncode == 1, r.stderr
+        assert re.fullmatch(rf"vmshare: error: not enough free space in {re.escape(str(ns.work))} for the new "
+                            r"overlays: 0 MiB free, about \d+ MiB needed \(free some space and run the command "
+                            r"again; nothing was changed\)\n", r.stderr), r.stderr
+        _assert_only_the_originals(ns)
+    finally:
+        _drop_tmpfs_pair(ns, lv)
+
+
+def test_the_image_directory_filling_up_aborts_cleanly(disks, rundir, lv):
+    """Room enough for the overlays up front, but another process fills the image directory once the
+    overlays are being built: QEMU pauses the appliance on ENOSPC (werror=enospc), the session's watch
+    ends it, and the failure path undoes everything instead of waiting for ever with the store locked."""
+    ns = _pair_in_a_small_tmpfs(disks, rundir, lv, "imgfull-build", 16 * ch.MiB)
+    filled, finished = threading.Event(), threading.Event()
+
+    def fill_once_building() -> None:
+        while not finished.wait(0.05):
+            if _step_under_way(ns.store.dir, "build-overlays"):
+                _fill(ns.work / "filler")
+                filled.set()
+                return
+
+    filler = threading.Thread(target=fill_once_building, daemon=True)
+    try:
+        proc = subprocess.Popen([ch.VMSHARE, "consolidate", *ns.name.values()], env=ns.store.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        filler.start()
+        try:
+            _, err = proc.communicate(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail(f"vmshare consolidate still ran after {HANG_S} s with its image directory full: it hangs")
+        finally:
+            finished.set()
+            filler.join()
+        assert filled.is_set(), f"the build ended before the image directory could be filled: {err}"
+        assert proc.returncode == 1, err
+        assert err.startswith(f"vmshare: error: consolidation failed: no space left in {ns.work} ("), err
+        assert "every original disk is untouched" in err and len(err.strip().splitlines()) == 1, err
+        (ns.work / "filler").unlink()
+        _assert_only_the_originals(ns)
+    finally:
+        _drop_tmpfs_pair(ns, lv)
 
 
 # ====================================================================== boot
