@@ -96,14 +96,11 @@ def usage_word(action: argparse.Action) -> str:
         if takes_value(action):
             word += " " + italic(metavar(action))
         return word if action.required else f"[{word}]"
-    word = italic(metavar(action))
-    if action.nargs == "?":
-        return f"[{word}]"
-    if action.nargs == "*":
-        return f"[{word} ...]"
-    if action.nargs == "+":
-        return f"{word} [{word} ...]"
-    return word
+    return _NARGS_FORMS.get(action.nargs, "{w}").format(w=italic(metavar(action)))
+
+
+#: How a positional argument appears in a synopsis, by its nargs.
+_NARGS_FORMS = {"?": "[{w}]", "*": "[{w} ...]", "+": "{w} [{w} ...]"}
 
 
 def synopsis(words: list[str], parser: argparse.ArgumentParser) -> str:
