@@ -164,3 +164,17 @@ def test_bases_pools_are_no_image_directories(cfg, tmp_path, monkeypatch):
     conn.storagePoolDefineXML(pool.pool_xml("images", str(images)), 0)
     monkeypatch.setattr(domains, "DEFAULT_IMAGE_DIR", "/var/lib/libvirt/images")
     assert domains.allowed_image_dirs(conn) == ["/var/lib/libvirt/images", str(images)]
+
+
+def test_the_watcher_refreshes_the_pools_after_the_engine(cfg, tmp_path):
+    from vmshare_libvirt.engine.enroll import EnrollOutcome
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+
+    def engine(cfg_, conn_, store_, name, group, progress):
+        (tmp_path / "store" / "bases" / "new").mkdir()  # the engine made a group
+        return EnrollOutcome(name, "consolidated", "new")
+
+    conn = FakeConn()
+    Enroller(cfg, store=None, done=DoneLog(), enroll_fn=engine)._enroll(conn, "web3", None)
+    assert sorted(conn.pools) == ["vmshare-bases-db", "vmshare-bases-new", "vmshare-bases-web"]
