@@ -1,4 +1,4 @@
-"""``vmshare validate [FILE]``: check a configuration file without doing anything else."""
+"""``vmshare validate [FILE]``: check a configuration file or a patch manifest without doing anything else."""
 
 from __future__ import annotations
 
@@ -10,17 +10,53 @@ from ..errors import ConfigError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("validate", help="check the configuration file",
-                                   description="Check a configuration file against the schema. "
-                                               "Errors name the key path, e.g. auto_enroll.include.")
+    parser = subparsers.add_parser("validate", help="check the configuration file or a patch manifest",
+                                   description="Check a configuration file, or a patch manifest (a file with "
+                                               "'steps'), against its schema without touching any disk. "
+                                               "Errors name the key path, e.g. auto_enroll.include or "
+                                               "steps[1].put.mode.")
     parser.add_argument("file", nargs="?", type=Path, metavar="FILE",
                         help="file to check (default: --config, $VMSHARE_CONFIG or /etc/vmshare/vmshare.yaml)")
+    parser.add_argument("--patch", action="store_true", help="check FILE as a patch manifest")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=_validate)
 
 
+def _is_manifest(path: Path) -> bool:
+    """A file whose top level names ``steps`` is a patch manifest."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return any(line.startswith("steps:") for line in text.splitlines())
+
+
+def _validate_manifest(path: Path, args: argparse.Namespace, ctx) -> int:
+    from ..patchfile import ManifestError, load
+
+    try:
+        manifest = load(path)
+    except ManifestError as exc:
+        if args.json:
+            ctx.emit_json({"file": str(path), "valid": False, "errors": exc.problems})
+        else:
+            for problem in exc.problems:
+                ctx.stderr.write(f"vmshare: {path}: {problem}\n")
+        return 1
+    if args.json:
+        ctx.emit_json({"file": str(path), "valid": True, "name": manifest.name, "digest": manifest.digest,
+                       "steps": [s.describe() for s in manifest.steps]})
+    else:
+        ctx.stdout.write(f"OK: {path}: patch {manifest.name}, {len(manifest.steps)} step(s)\n")
+        for step in manifest.steps:
+            ctx.stdout.write(f"  {step.where}: {step.describe()}\n")
+    return 0
+
+
 def _validate(args: argparse.Namespace, ctx) -> int:
     path = args.file or ctx.config_path or config.config_path()
+    if args.patch or (args.file is not None and _is_manifest(args.file)):
+        return _validate_manifest(args.file or path, args, ctx)
     try:
         cfg = config.load(path)
     except ConfigError as exc:
