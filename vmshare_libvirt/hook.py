@@ -51,6 +51,8 @@ _VERBS = {
     "consolidate": "consolidated",
     "enroll": "enrolled",
     "regroup": "moved to a new base generation",
+    "patch": "patched",
+    "resync": "moved to a new base generation",
 }
 
 

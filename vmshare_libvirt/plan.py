@@ -30,6 +30,12 @@ class Target:
     manifests: dict[int, Manifest] = field(default_factory=dict)  # partition -> manifest
     allocated_bytes: int = 0  # bytes the disk file allocates today
     blockers: list[tuple[str, str]] = field(default_factory=list)  # (code, message)
+    # Where the view is read from when it is not the disk itself (a patched view of a member)
+    source_path: str | None = None
+
+    @property
+    def read_path(self) -> str:
+        return self.source_path or self.disk_path
 
 
 @dataclass(frozen=True)

@@ -412,17 +412,29 @@ def compare(
 
 
 def rebase(path: str | os.PathLike[str], fmt: str, backing: str | os.PathLike[str], backing_fmt: str, *,
-           cache: str = "writeback") -> None:
+           cache: str = "writeback", unsafe: bool = False) -> None:
     """Safe-mode ``qemu-img rebase``: the image keeps its content on the new backing file
-    (qemu-img copies in every cluster where old and new backing differ).  Never run it on
-    a live disk path or a base (docs/operations.md, rule 3): only on files vmshare is still building."""
+    (qemu-img copies in every cluster where old and new backing differ).  With ``unsafe``
+    only the backing file name changes: right only when the new backing shows exactly
+    what the old one did (a byte copy of it).  Never run it on a live disk path or a base
+    (docs/operations.md, rule 3): only on files vmshare is still building."""
     target = _arg_path(path)
     backing = os.fspath(backing)
     if not os.path.isabs(backing):
         raise ImageError(f"backing file {backing!r} is not an absolute path", target=target)
     if cache not in FLUSHING_CACHE_MODES:
         raise ImageError(f"cache mode {cache!r} does not flush the output", target=target)
-    _run(["rebase", "-q", "-f", fmt, "-t", cache, "-b", backing, "-F", backing_fmt, target], target)
+    _run(["rebase", "-q", "-f", fmt, "-t", cache, *(["-u"] if unsafe else []), "-b", backing, "-F", backing_fmt,
+          target], target)
+
+
+def commit(path: str | os.PathLike[str], fmt: str, *, keep_top: bool = False, cache: str = "writeback") -> None:
+    """``qemu-img commit``: write the clusters ``path`` holds into its backing file.  With ``keep_top``
+    the image keeps them too (``-d``).  Only for a backing file vmshare is still building."""
+    target = _arg_path(path)
+    if cache not in FLUSHING_CACHE_MODES:
+        raise ImageError(f"cache mode {cache!r} does not flush the output", target=target)
+    _run(["commit", "-q", "-f", fmt, "-t", cache, *(["-d"] if keep_top else []), target], target)
 
 
 # ----------------------------------------------------------------------- map

@@ -41,9 +41,11 @@ class Survey:
         self.devices: dict[str, str] = {}  # target name -> appliance device
         self.timings: dict[str, float] = {}
 
-    def open(self, targets: list[Target], formats: dict[str, str], extra_rw: list[tuple[str, str]] = ()) -> GuestSession:
-        """Attach every unblocked target read-only (plus ``extra_rw`` disks, to the primary session)
-        and launch; returns the primary session."""
+    def open(self, targets: list[Target], formats: dict[str, str], extra_rw: list[tuple[str, str]] = (),
+             writable: bool = False) -> GuestSession:
+        """Attach every unblocked target read-only (``writable``: read-write, for views vmshare made
+        itself, such as a patch's scratch images), plus ``extra_rw`` disks to the primary session, and
+        launch; returns the primary session."""
         start = time.monotonic()
         usable = [t for t in targets if not t.blockers]
         # the primary session also writes whatever goes to extra_rw: give it fewer targets
@@ -51,7 +53,7 @@ class Survey:
         for batch in parallel.batches(usable, self.settings.parallel, lambda t: t.allocated_bytes, extra) or [[]]:
             session = GuestSession(self.settings, self.progress)
             for t in batch:
-                self.devices[t.name] = session.add_disk(t.disk_path, formats[t.name], readonly=True)
+                self.devices[t.name] = session.add_disk(t.read_path, formats[t.name], readonly=not writable)
                 self.session_of[t.name] = session
             self.sessions.append(session)
         self.session = self.sessions[0]

@@ -155,7 +155,7 @@ def test_dry_run_changes_nothing(group):
     assert group.after_dry == group.before, "a dry run touched a disk file"
     assert group.files_after_dry == sorted(f"{k}.qcow2" for k in MAIN)
     assert group.bases_after_dry == []
-    assert group.status_after_dry == {"groups": []}
+    assert group.status_after_dry["groups"] == []
 
 
 def test_consolidate_switches_every_member(group):
@@ -445,7 +445,7 @@ def test_kill_at_every_step_then_recover(disks, rundir, lv, crash_names, scratch
         assert ns.store.stray_files() == []
         if not consolidated:
             assert ch.disk_leftovers(ns.work) == [], "temporary or backup files left next to the disks"
-            assert status == {"groups": []}
+            assert status["groups"] == []
             assert ns.store.base_files() == []
             return
         # fully consolidated member: chain, store and view agree
@@ -468,7 +468,7 @@ def test_kill_at_every_step_then_recover(disks, rundir, lv, crash_names, scratch
         rb = ns.store.vmshare("rollback", ns.name["x"])
         assert rb.returncode == 0, rb.stderr
         _assert_untouched(ns, "x")
-        assert ns.store.base_files() == [] and ns.store.status() == {"groups": []}
+        assert ns.store.base_files() == [] and ns.store.status()["groups"] == []
         assert ch.disk_leftovers(ns.work) == []
     finally:
         ns.store.cleanup()
@@ -587,7 +587,7 @@ def test_a_failing_qemu_img_step_aborts_with_nothing_switched(disks, rundir, lv,
         for key in CRASH:
             _assert_untouched(ns, key)
         assert ch.disk_leftovers(ns.work) == [] and ns.store.stray_files() == [] and ns.store.base_files() == []
-        assert ns.store.status() == {"groups": []}
+        assert ns.store.status()["groups"] == []
     finally:
         ns.store.cleanup()
         shutil.rmtree(ns.work, ignore_errors=True)
@@ -678,7 +678,7 @@ def test_running_and_managed_saved_domains_are_refused(disks, rundir, lv, crash_
         assert "running" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert {k: ch.identity(ns.disk[k]) for k in CRASH} == before, "a disk file was touched"
         assert ch.disk_leftovers(ns.work) == [] and ns.store.base_files() == []
-        assert ns.store.status() == {"groups": []}
+        assert ns.store.status()["groups"] == []
 
         dom.managedSave(0)
         assert not dom.isActive() and dom.hasManagedSaveImage(0)
@@ -725,7 +725,7 @@ def _assert_full_pair_untouched(ns, store) -> None:
         assert ch.sha256_file(ns.disk[key]) == ns.sha[key]
     assert ch.disk_leftovers(ns.work) == []
     assert store.stray_files() == [] and store.base_files() == []
-    assert store.status() == {"groups": []}
+    assert store.status()["groups"] == []
 
 
 def test_store_without_room_is_refused_up_front(disks, rundir, lv):

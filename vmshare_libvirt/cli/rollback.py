@@ -1,4 +1,4 @@
-"""vmshare rollback: put the kept original disks back."""
+"""vmshare rollback: put the kept original disks back, or move members back to an older generation."""
 
 from __future__ import annotations
 
@@ -7,14 +7,20 @@ from ._common import writing_session
 
 
 def register(sub) -> None:
-    p = sub.add_parser("rollback", help="restore the kept original disk of a member (or of a whole group)")
+    p = sub.add_parser("rollback", help="restore the kept original disk of a member (or of a whole group)",
+                       description="Put the original disk kept since consolidation back in place of DOMAIN's "
+                                   "overlay (or of every member of --group).  With --generation N, move the "
+                                   "members back to the overlay they had on base generation N instead (kept by "
+                                   "the patch that moved them on).  The domains must be shut off; what the "
+                                   "guests wrote since is in the replaced overlays, which are kept.")
     p.add_argument("domain", nargs="?", metavar="DOMAIN")
     p.add_argument("--group", metavar="NAME")
+    p.add_argument("--generation", type=int, metavar="N", help="move back to base generation N instead")
     p.set_defaults(func=run)
 
 
 def run(args, ctx) -> int:
-    from ..engine.members import rollback, select_members
+    from ..engine.members import rollback, rollback_to_generation, select_members
     from ..errors import TargetError
 
     if bool(args.domain) == bool(args.group):
@@ -22,7 +28,16 @@ def run(args, ctx) -> int:
     if args.group is not None:
         validate_group_name(args.group)
     with writing_session(ctx, kind="rollback") as s:
-        done = rollback(s.store, s.conn, select_members(s.store, args.domain, args.group), ctx.progress)
+        members = select_members(s.store, args.domain, args.group)
+        if args.generation is not None:
+            done = rollback_to_generation(s.store, s.conn, members, args.generation, ctx.progress)
+        else:
+            done = rollback(s.store, s.conn, members, ctx.progress)
     for d in done:
-        ctx.stdout.write(f"{d}: original disk restored\n")
+        if args.generation is not None:
+            ctx.stdout.write(f"{d}: back on base generation {args.generation}\n")
+        else:
+            ctx.stdout.write(f"{d}: original disk restored\n")
+    if args.generation is not None and not done:
+        ctx.stdout.write(f"every member is already on base generation {args.generation}\n")
     return 0

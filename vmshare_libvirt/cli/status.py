@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from ..names import validate_group_name
 from ._common import human_bytes
@@ -38,13 +39,39 @@ def collect(store, group: str | None) -> dict:
         mem_json = [{"domain": m.domain, "disk": m.disk_path, "overlay_path": m.disk_path,
                      "allocated_bytes": allocated(m.disk_path), "generation": m.generation_id,
                      "original_path": m.original_path, "original_bytes": m.original_allocated_bytes or 0,
-                     "state": m.state} for m in members]
+                     "state": m.state,
+                     "kept_generations": sorted({k.generation_id for k in _kept(store, m.disk_path)})}
+                    for m in members]
         now = sum(g["allocated_bytes"] for g in gen_json) + sum(m["allocated_bytes"] for m in mem_json)
         before = sum(m["original_bytes"] for m in mem_json)
         groups.append({"name": grp.name, "os": grp.os, "generations": gen_json, "members": mem_json,
                        "allocated_bytes": now, "original_bytes": before, "saved_bytes": before - now,
-                       "kept_original_bytes": sum(allocated(m.original_path) for m in members if m.original_path)})
-    return {"groups": groups}
+                       "kept_original_bytes": sum(allocated(m.original_path) for m in members if m.original_path),
+                       "patches": [{"name": p.name, "digest": p.digest, "at": p.at, "generation": p.generation_id,
+                                    "results": {d: r["result"] for d, r in p.results.items()},
+                                    "details": {d: r.get("detail", "") for d, r in p.results.items()}}
+                                   for p in _patches(store, grp.name)]})
+    jobs = [{"id": j.id, "kind": j.kind, "domain": j.domain, "state": j.state, "params": j.params}
+            for j in store.jobs(state="queued")]
+    return {"groups": groups, "jobs": jobs}
+
+
+def _patches(store, group: str) -> list:
+    from ..errors import StoreError
+
+    try:
+        return store.patches(group)
+    except StoreError:
+        return []  # a store of schema 1 (no patch history yet) opened read-only
+
+
+def _kept(store, disk: str) -> list:
+    from ..errors import StoreError
+
+    try:
+        return store.kept_overlays(disk_path=disk)
+    except StoreError:
+        return []
 
 
 def run(args, ctx) -> int:
@@ -55,7 +82,7 @@ def run(args, ctx) -> int:
         validate_group_name(args.group, what="GROUP")
     cfg = ctx.load_config()
     if not (cfg.store_dir / "state.db").exists():
-        data = {"groups": []}
+        data = {"groups": [], "jobs": []}
     else:
         store = open_store(cfg.store_dir, create=False, readonly=True)
         try:
@@ -79,6 +106,15 @@ def run(args, ctx) -> int:
             out.write(f"  base gen {gen['id']} [{gen['state']}]: {gen['path']} {human_bytes(gen['allocated_bytes'])}"
                       f" used by {', '.join(gen['members']) or 'nobody'}\n")
         for m in g["members"]:
+            kept = f", can go back to gen {', '.join(map(str, m['kept_generations']))}" if m["kept_generations"] else ""
             out.write(f"  member {m['domain']}: {m['disk']} {human_bytes(m['allocated_bytes'])}"
-                      f" (was {human_bytes(m['original_bytes'])}), gen {m['generation']}, {m['state']}\n")
+                      f" (was {human_bytes(m['original_bytes'])}), gen {m['generation']}, {m['state']}{kept}\n")
+        for p in g["patches"]:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["at"]))
+            made = f", built gen {p['generation']}" if p["generation"] else ""
+            results = ", ".join(f"{d} {r}" for d, r in p["results"].items())
+            out.write(f"  patch {p['name']} ({p['digest'][:12]}) {when}{made}: {results}\n")
+    for j in data["jobs"]:
+        what = f"patch {j['params'].get('name', '')}" if j["kind"] == "patch" else j["kind"]
+        out.write(f"pending: {what} of {j['domain']} (job {j['id']}), when the domain stops\n")
     return 0

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .. import fingerprint
 from ..errors import BlockedError, ImageError, OperationError, TargetError, VmshareError
 from .basemanifest import manifest_path
-from .files import durable_rename, fsync_dir, remove_quietly
+from .files import durable_link, durable_rename, fsync_dir, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,69 @@ def rollback(store, conn, members, progress=lambda _t: None) -> list[str]:
         progress(f"restoring the original disk of {m.domain}")
         durable_rename(m.original_path, m.disk_path)
         store.remove_member(m.disk_path)
+        for k in store.kept_overlays(disk_path=m.disk_path):  # overlays of a member that is none any more
+            remove_quietly(k.path)
+            store.forget_kept_overlay(k.path)
         done.append(m.domain)
     collect_unused_bases(store, conn, also_dirs={os.path.dirname(m.disk_path) for m in members})
     return done
+
+
+def rollback_to_generation(store, conn, members, generation_id: int, progress=lambda _t: None) -> list[str]:
+    """Put back the overlay each member had on ``generation_id`` (kept by the patch that moved it on).
+
+    The overlay it replaces is kept in turn, so the member can move forward again.  Every member is
+    checked (kept overlay present, base present, domain offline) before the first is changed.
+    Returns the domains moved; members already on that generation are left alone.
+    """
+    from .. import domains as dommod
+    from ..libvirt_conn import lookup
+    from .switch import KEEP_SUFFIX
+
+    gen = store.get_generation(generation_id)
+    if gen is None or not os.path.exists(gen.path):
+        raise BlockedError(f"generation {generation_id} does not exist any more",
+                           hint="see 'vmshare status' for the generations that exist; nothing was changed")
+    moves = []
+    for m in members:
+        if m.generation_id == generation_id:
+            continue
+        kept = [k for k in store.kept_overlays(disk_path=m.disk_path, generation_id=generation_id)
+                if os.path.exists(k.path)]
+        if not kept:
+            raise BlockedError(f"no overlay of generation {generation_id} is kept for it", target=m.domain,
+                               hint="see 'vmshare status'; nothing was changed")
+        blockers = [b for b in dommod.offline_blockers(conn, lookup(conn, m.domain), [m.disk_path])
+                    if b.code not in ("empty-backingstore",)]
+        if blockers:
+            raise BlockedError("; ".join(b.message for b in blockers), target=m.domain,
+                               hint="shut the domain down and run again; nothing was changed")
+        moves.append((m, kept[-1]))
+    done = []
+    for m, k in moves:
+        progress(f"moving {m.domain} back to generation {generation_id}")
+        aside = f"{m.disk_path}{KEEP_SUFFIX}{k.op_id or 0}-back-{int(time.time())}"
+        durable_link(m.disk_path, aside)
+        store.add_kept_overlay(aside, m.disk_path, m.generation_id, None)
+        durable_rename(k.path, m.disk_path)
+        store.move_member(m.disk_path, generation_id, m.original_path)
+        store.forget_kept_overlay(k.path)
+        done.append(m.domain)
+    return done
+
+
+def expire_kept_overlays(store, max_age_s: float, now: float | None = None) -> list[str]:
+    """Delete overlays kept for ``rollback --generation`` longer than ``max_age_s``; returns their paths."""
+    now = time.time() if now is None else now
+    gone = []
+    for k in store.kept_overlays():
+        if now - k.kept_at > max_age_s:
+            remove_quietly(k.path)
+            store.forget_kept_overlay(k.path)
+            gone.append(k.path)
+    if gone:
+        fsync_dir(os.path.dirname(gone[0]))
+    return gone
 
 
 #: Per-member outcomes of :func:`plan_commit` (before) and :func:`commit` (after).

@@ -61,7 +61,7 @@ def _build_batch(settings: ApplianceSettings, progress: Callable[[str], None], w
                  base_layout: DiskLayout, base_uuids: dict[int, str]) -> None:
     session = GuestSession(settings, progress)
     try:
-        jobs = [OverlayJob(t, session.add_disk(t.disk_path, formats[t.name], readonly=True),
+        jobs = [OverlayJob(t, session.add_disk(t.read_path, formats[t.name], readonly=True),
                            session.add_disk(new_paths[t.name], "qcow2", readonly=False), new_paths[t.name])
                 for t in members]
         session.launch()

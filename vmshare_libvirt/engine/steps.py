@@ -111,17 +111,21 @@ def forget_unpublished(store, group: str) -> None:
 
 
 def build_base(op: Operation, cfg: Config, progress: Callable[[str], None], members: list[Target],
-               formats: dict[str, str], build_path: str, group: str | None, regroup: bool) -> BuiltBase:
+               formats: dict[str, str], build_path: str, group: str | None, regroup: bool,
+               survey: Survey | None = None) -> BuiltBase:
     """Survey ``members`` in up to ``appliance.parallel`` appliances, plan, and write the common set
     into ``build_path``.  The first member (the donor) is copied out while the others are digested,
-    so one read serves both the plan and the base."""
+    so one read serves both the plan and the base.  An open ``survey`` (its primary appliance holding
+    ``build_path`` as its last disk) is used instead of launching new appliances; it is closed here."""
     store_dir = str(cfg.store_dir)
-    survey = Survey(cfg.appliance, progress)
+    opened = survey is not None
+    survey = survey or Survey(cfg.appliance, progress)
     spools: dict[int, Spool] = {}
     with op.step(BUILD_BASE, {"path": build_path}) as result:
         try:
             with tempfile.TemporaryDirectory(prefix="vmshare-build-", dir=store_dir) as work:
-                session = survey.open(members, formats, extra_rw=[(build_path, "qcow2")])
+                session = survey.session if opened else survey.open(members, formats,
+                                                                     extra_rw=[(build_path, "qcow2")])
                 donor_name = members[0].name
 
                 def spool_for(t: Target, part: int) -> Spool | None:

@@ -7,7 +7,8 @@ offline and the disk unchanged since it was read:
    to cancel first, so the hook and the switch cannot both win);
 2. owner, mode and label of the disk are copied onto the overlay;
 3. the disk gets a second name, ``<disk>.vmshare-orig`` (a regroup's replaced
-   overlay: ``<disk>.vmshare-prev``), durably;
+   overlay: ``<disk>.vmshare-prev``; a patch's, kept for ``rollback --generation``:
+   ``<disk>.vmshare-keep-op<N>``), durably;
 4. the overlay is renamed over the disk path (fsync file, rename, fsync directory);
 5. the member is recorded in the store.
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PREV_SUFFIX = ".vmshare-prev"
 ORIG_SUFFIX = ".vmshare-orig"
+KEEP_SUFFIX = ".vmshare-keep-op"
 # Host-side blockers that the switch fixes itself instead of refusing.
 FIXABLE = ("empty-backingstore",)
 STARTED_MEANWHILE = "the domain was started meanwhile"
@@ -74,15 +76,18 @@ def _record_member(store, data: dict[str, Any]) -> None:
     """The store learns that ``data['disk']`` now is an overlay on generation ``data['generation']``."""
     disk = data["disk"]
     if "previous_generation" in data:
-        # a regroup: the member's original (if not committed) stays its way back
+        # a regroup or a patch: the member's original (if not committed) stays its way back
         store.move_member(disk, data["generation"], data.get("original"))
+        if data.get("keep"):
+            store.add_kept_overlay(data["orig"], disk, data["previous_generation"], data.get("op"))
     elif store.get_member(disk) is None:
         store.add_member(data["domain"], disk, data["group"], data["generation"], data["orig"], data["allocated"])
 
 
 def _drop_replaced_overlay(data: dict[str, Any]) -> None:
-    """After a regroup's switch, the member's previous overlay (linked aside) is not needed any more."""
-    if "previous_generation" in data and not same_inode(data["disk"], data["orig"]):
+    """After a regroup's switch, the member's previous overlay (linked aside) is not needed any more
+    (a patch keeps it)."""
+    if "previous_generation" in data and not data.get("keep") and not same_inode(data["disk"], data["orig"]):
         remove_quietly(data["orig"])
 
 
@@ -118,10 +123,11 @@ def SWITCH(store, record: StepRecord) -> bool:
 
 
 def switch_member(op: Operation, lv: Libvirt, t: Target, spec: MemberSpec, new: str, group: str, generation,
-                  previous=None) -> str | None:
+                  previous=None, keep_previous: bool = False) -> str | None:
     """Put overlay ``new`` (on ``generation``) in place of ``t``'s disk.  ``previous`` is the member
-    record when ``t`` already is a member (a regroup).  Returns why the member was left as it was,
-    or None when it was switched."""
+    record when ``t`` already is a member (a regroup, a patch); with ``keep_previous`` its replaced
+    overlay is kept and recorded.  Returns why the member was left as it was, or None when it was
+    switched."""
     from .. import domains as dommod
 
     dom = lv.domain(t.name)
@@ -135,10 +141,14 @@ def switch_member(op: Operation, lv: Libvirt, t: Target, spec: MemberSpec, new: 
         remove_quietly(new)
         return reason
     orig = t.disk_path + (PREV_SUFFIX if previous else ORIG_SUFFIX)
+    if previous and keep_previous:
+        orig = f"{t.disk_path}{KEEP_SUFFIX}{op.id}"
     data = {"disk": t.disk_path, "new": new, "orig": orig, "domain": t.name, "group": group,
             "generation": generation.id, "base": generation.path, "allocated": spec.allocated}
     if previous:
         data.update(previous_generation=previous.generation_id, original=previous.original_path)
+        if keep_previous:
+            data.update(keep=True, op=op.id)
     with op.step(SWITCH, data):
         # An explicit empty <backingStore/> would hide the base from the guest: drop it first
         # (harmless for the original, which has no backing file either).

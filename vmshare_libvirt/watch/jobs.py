@@ -1,4 +1,4 @@
-"""Automatic enrollment and the queue of enroll jobs: the one place the watcher calls the engine.
+"""Automatic enrollment and the queue of enroll and patch jobs: the one place the watcher calls the engine.
 
 Two ways lead to the engine: :meth:`Enroller.consider` (a domain was defined
 or changed, or reconciliation found it) and :meth:`Enroller.run_due_jobs` (a
@@ -26,7 +26,8 @@ from ..engine.enroll import EnrollOutcome
 from ..engine.enroll import enroll as engine_enroll
 from ..errors import BusyError, VmshareError
 from ..libvirt_conn import find, libvirt_errors
-from ..store.records import JOB_DONE, JOB_ENROLL, JOB_FAILED, JOB_KINDS, JOB_QUEUED, WAIT_DOMAIN_STOPPED, Job
+from ..store.records import (JOB_DONE, JOB_ENROLL, JOB_FAILED, JOB_KINDS, JOB_PATCH, JOB_QUEUED, WAIT_DOMAIN_STOPPED,
+                             Job)
 from .outcome import BUSY, FAILED, QUEUED, SKIPPED, Done, DoneLog
 from .policy import policy_refusal
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 EnrollFn = Callable[..., EnrollOutcome]
 
 _GONE = "the domain is no longer defined"
+PATCHED_DONE = "patched"
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,10 @@ class Enroller:
             self.store.finish_job(job.id, JOB_FAILED, _GONE)
             return self.done.note(Done(name or "-", FAILED, _GONE, job.id))
         try:
-            attempt = self._enroll(conn, name, job.params.get("group"), job.id)
+            if job.kind == JOB_PATCH:
+                attempt = self._patch(conn, name, job)
+            else:
+                attempt = self._enroll(conn, name, job.params.get("group"), job.id)
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not wedge the queue
             self.store.finish_job(job.id, JOB_FAILED, f"{type(exc).__name__}: {exc}")
             log.exception("job %d (%s %s) failed", job.id, job.kind, name)
@@ -185,6 +190,38 @@ class Enroller:
         state, reason = str(outcome.state), outcome.reason or ""
         detail = reason or (f"group {outcome.group}" if outcome.group else "")
         return _Attempt(self.done.note(Done(name, state, detail, job)), reason)
+
+    def _patch(self, conn: Any, name: str, job: Job) -> _Attempt:
+        """A patch queued while ``name`` was running: it goes into the member's own overlay now.
+
+        The manifest is read again and must be the one that was queued (same digest)."""
+        from ..engine.patch import PATCHED, QUEUED as PATCH_QUEUED
+        from ..engine.patch import patch as engine_patch
+        from ..engine.recover import recover
+        from ..patchfile import load
+
+        try:
+            manifest = load(job.params["manifest"])
+            if manifest.digest != job.params.get("digest"):
+                raise VmshareError("the manifest or a file it names changed since the patch was queued",
+                                   target=job.params["manifest"], hint="run 'vmshare patch' again")
+            with self.store.lock(wait=False, kind="patch"):
+                recover(self.store, conn)
+                report = engine_patch(self.cfg, conn, self.store, manifest, [name], queue=False,
+                                      progress=_progress(name))
+            _sync_pools(conn, self.cfg)
+        except BusyError as exc:
+            detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
+            return _Attempt(self.done.note(Done(name, BUSY, detail, job.id)), exc.message)
+        except VmshareError as exc:
+            return _Attempt(self.done.note(Done(name, FAILED, str(exc), job.id), logging.WARNING), str(exc))
+        res = report.members[0]
+        if res.result == PATCH_QUEUED or (res.result != PATCHED and "running" in res.detail):
+            # started again before the patch could run: wait for the next stop
+            self.store.enqueue(JOB_PATCH, name, dict(job.params), wait_for=WAIT_DOMAIN_STOPPED)
+        what = PATCHED_DONE if res.result == PATCHED else FAILED
+        detail = f"patch {manifest.name}: {res.result}" + (f": {res.detail}" if res.detail else "")
+        return _Attempt(self.done.note(Done(name, what, detail, job.id)), detail)
 
     def _requeue_if_started(self, conn: Any, name: str) -> None:
         """The engine failed on a domain that is running now (a start cancelled it): try after its stop."""

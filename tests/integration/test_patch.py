@@ -1,0 +1,417 @@
+"""Offline patching on real Debian 12 guests: real dpkg, real qemu-img, the real appliance and libvirtd.
+
+Two guests are made from a cached Debian 12 minbase install (one appliance
+launch) and consolidated once.  The tests then run, in order, on that group:
+
+1. a dry run, which changes nothing;
+2. a group patch (a real security update: liblzma5, apt and libapt-pkg6.0
+   from the Debian security archive, fetched with ``apt-get download``; b had
+   changed apt's conffile; install a package with a conffile and a maintainer script,
+   put, mkdir, symlink, chmod, chown, a diff that also applies to b's private
+   copy, run; b's run also changes the package's conffile): a new generation,
+   the package in both dpkg databases;
+3. a diff then the package's upgrade: the diff conflicts with b's changed
+   conffile, so b stays exactly as it was; a alone is patched (into its own
+   overlay), and its conffile, changed by the diff, is kept by dpkg;
+4. a package with a missing dependency: both members unchanged, a clear error;
+5. a running member: the patch is queued and the watcher applies it after the
+   stop; a paused one is refused with what to do;
+6. rollback to the first generation.
+
+Every view is read back with an independent read-only appliance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+import _consolidate_helpers as ch
+from _patch_helpers import Reader, make_deb, write_manifest
+from _patch_helpers import patch_json as _patch
+from _patch_helpers import results as _results
+from _patch_helpers import sha as _sha
+from testbed import debian
+from testbed.synthetic import file
+
+pytestmark = [pytest.mark.slow, pytest.mark.requires("qemu-img"), pytest.mark.requires("dpkg-deb"),
+              pytest.mark.requires("patch"), pytest.mark.requires("debootstrap"), pytest.mark.requires("apt-get")]
+
+#: Packages of the guests' minbase install with a newer version in the Debian security archive.
+SECURITY_PACKAGES = ("liblzma5", "apt", "libapt-pkg6.0")
+LOCAL_APT_CONF = "// changed by the administrator of b\nAPT::NeverAutoRemove { \"^linux-image.*\"; };\n"
+
+GROUP = "patchgrp"
+RUN = uuid.uuid4().hex[:4]
+ISSUE_B = "Debian GNU/Linux 12 \\n \\l\n\nthis is guest b\n"
+
+
+@pytest.fixture(scope="module")
+def lv(libvirtd):
+    return ch.Libvirt(libvirtd)
+
+
+@pytest.fixture(scope="module")
+def grp(lv, testbed_cache, tmp_path_factory):
+    """Two Debian 12 guests, consolidated into group patchgrp."""
+    rootfs = debian.build_rootfs("bookworm", (), testbed_cache)
+    work = ch.IMAGE_ROOT / f"patch-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    files = tmp_path_factory.mktemp("patchfiles")
+    ns = SimpleNamespace(work=work, files=files, disk={}, name={}, store=ch.Store("patch"))
+    specs = [
+        debian.DebianDisk(rootfs, work / "a.qcow2", 700, hostname="patch-a"),
+        debian.DebianDisk(rootfs, work / "b.qcow2", 760, hostname="patch-b",
+                          extra=[file("etc/issue", ISSUE_B), file("etc/apt/apt.conf.d/01autoremove", LOCAL_APT_CONF)]),
+    ]
+    debian.make_disks(specs)
+    try:
+        for key in ("a", "b"):
+            ns.disk[key] = work / f"{key}.qcow2"
+            ns.name[key] = lv.define(f"vmshare-test-patch-{RUN}-{key}", ns.disk[key])
+        r = ns.store.vmshare("consolidate", ns.name["a"], ns.name["b"], "--group", GROUP, "--json")
+        assert r.returncode == 0, r.stderr
+        ns.gen1 = json.loads(r.stdout)["generation"]
+        yield ns
+    finally:
+        for key in ns.name:
+            ch.run(["virsh", "destroy", ns.name[key]], check=False)
+            lv.undefine(ns.name[key])
+        ns.store.cleanup()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def security_version(package: str) -> str:
+    """The version of ``package`` in the Debian security archive, as the host's apt knows it."""
+    out = ch.run(["apt-cache", "madison", package]).stdout
+    for line in out.splitlines():
+        name, version, source = (part.strip() for part in line.split("|")[:3])
+        if name == package and "security" in source:
+            return version
+    raise AssertionError(f"the host's apt lists no {package} from the security archive (run apt-get update)")
+
+
+@pytest.fixture(scope="module")
+def pkgs(grp):
+    d = grp.files
+    security = {p: security_version(p) for p in SECURITY_PACKAGES}
+    subprocess.run(["apt-get", "download", *(f"{p}={v}" for p, v in security.items())], cwd=d, check=True,
+                   capture_output=True)
+    (d / "motd").write_text("patched by vmshare\n")
+    (d / "tool").write_text("#!/bin/sh\necho tool\n")
+    (d / "issue.diff").write_text(textwrap.dedent("""\
+        --- a/issue
+        +++ b/issue
+        @@ -1,2 +1,3 @@
+         Debian GNU/Linux 12 \\n \\l
+        +Patched by vmshare.
+         
+        """))
+    return SimpleNamespace(
+        security=security, security_debs=sorted(p.name for p in d.glob("*.deb")),
+        v1=make_deb(d, "vmshare-testpkg", "1.0", "setting = 1\n", "one "),
+        v2=make_deb(d, "vmshare-testpkg", "2.0", "setting = 2\n", "two "),
+        broken=make_deb(d, "vmshare-brokenpkg", "1.0", "x = 1\n", "b ", depends="vmshare-nonexistent"))
+
+
+@pytest.fixture(scope="module")
+def first(grp, pkgs):
+    """The group patch of step 2 (after a dry run of the same manifest)."""
+    steps = [
+        {"install": [*pkgs.security_debs, pkgs.v1.name]},
+        {"put": {"src": "motd", "dest": "/etc/motd", "mode": "0640", "owner": 0, "group": 4}},
+        {"mkdir": {"path": "/etc/vmshare-app.d", "mode": "0750"}},
+        {"symlink": {"target": "/etc/vmshare-app.d", "path": "/etc/vmshare-app"}},
+        {"put": {"src": "tool", "dest": "/usr/local/bin/tool"}},
+        {"chmod": {"path": "/usr/local/bin/tool", "mode": "0755"}},
+        {"chown": {"path": "/etc/vmshare-app.d", "owner": 1000, "group": 1000}},
+        {"diff": {"path": "/etc/issue", "patch": "issue.diff"}},
+        {"delete": "/etc/issue.net"},
+        {"run": "echo ran > /var/lib/vmshare-testpkg/run-step; "
+                "if grep -q patch-b /etc/hostname; then echo 'setting = local' > /etc/vmshare-testpkg.conf; fi"},
+    ]
+    manifest = write_manifest(grp.files, "first", steps)
+    before = {k: _sha(grp.disk[k]) for k in grp.disk}
+    bases_before = grp.store.base_files()
+    dry, dry_data = _patch(grp, manifest, GROUP, extra=("--dry-run",))
+    after_dry = {k: _sha(grp.disk[k]) for k in grp.disk}
+    bases_after_dry = grp.store.base_files()
+    started = time.monotonic()
+    r, data = _patch(grp, manifest, GROUP)
+    return SimpleNamespace(manifest=manifest, dry=dry, dry_data=dry_data, before=before, after_dry=after_dry,
+                           security=pkgs.security,
+                           bases_before=bases_before, bases_after_dry=bases_after_dry, r=r, data=data,
+                           seconds=time.monotonic() - started)
+
+
+def test_dry_run_changes_nothing_and_names_the_package_change(grp, first):
+    assert first.dry.returncode == 0, first.dry.stderr
+    assert first.after_dry == first.before
+    assert first.bases_after_dry == first.bases_before
+    for m in first.dry_data["members"]:
+        assert m["result"] == "would patch"
+        assert m["packages"][-1] == ["vmshare-testpkg", None, "1.0"]
+        assert {p[0]: p[2] for p in m["packages"][:-1]} == first.security
+    kept = {m["domain"]: m["kept_conffiles"] for m in first.dry_data["members"]}
+    assert kept == {grp.name["a"]: [], grp.name["b"]: ["/etc/apt/apt.conf.d/01autoremove"]}
+    details = {m["domain"]: m["detail"] for m in first.dry_data["members"]}
+    # /etc/issue differs between a and b: each has its own copy; /etc/motd is shared
+    for d in details.values():
+        assert d.startswith("private copies affected: /etc/issue;")
+
+
+def test_a_real_security_update_reaches_every_member(grp, first):
+    """dpkg in both guests reports the security archive's versions, every file of the updated packages
+    matches the package, and b's changed conffile of apt is the one b wrote."""
+    kept = {m["domain"]: m["kept_conffiles"] for m in first.data["members"]}
+    assert kept == {grp.name["a"]: [], grp.name["b"]: ["/etc/apt/apt.conf.d/01autoremove"]}
+    with Reader(grp.disk) as rd:
+        for key in grp.disk:
+            for package, version in first.security.items():
+                assert rd.dpkg_version(key, package) == version, (key, package)
+            g = rd.mounted(key)
+            for package in SECURITY_PACKAGES:
+                sums = _md5sums(g, package)
+                assert sums
+                for path, md5 in sums.items():
+                    assert g.checksum("md5", path) == md5, (key, path)
+        assert rd.mounted("b").read_file("/etc/apt/apt.conf.d/01autoremove").decode() == LOCAL_APT_CONF
+        assert rd.mounted("a").read_file("/etc/apt/apt.conf.d/01autoremove").decode() != LOCAL_APT_CONF
+
+
+def _md5sums(g, package: str) -> dict[str, str]:
+    for name in (f"{package}:amd64", package):
+        path = f"/var/lib/dpkg/info/{name}.md5sums"
+        if g.is_file(path):
+            lines = g.read_file(path).decode().splitlines()
+            return {"/" + ln.split(None, 1)[1]: ln.split(None, 1)[0] for ln in lines}
+    raise AssertionError(f"no md5sums for {package}")
+
+
+def test_group_patch_builds_a_new_generation_for_every_member(grp, first):
+    assert first.r.returncode == 0, first.r.stderr
+    assert _results(first.data) == {grp.name["a"]: "patched", grp.name["b"]: "patched"}
+    gen = first.data["generations"][GROUP]
+    assert gen != grp.gen1
+    status = grp.store.status()
+    members = {m["domain"]: m for g in status["groups"] for m in g["members"]}
+    assert {m["generation"] for m in members.values()} == {gen}
+    for key in grp.disk:
+        info = json.loads(ch.run(["qemu-img", "info", "-U", "--output=json", str(grp.disk[key])]).stdout)
+        assert info["full-backing-filename"].endswith(f"gen-{gen}.qcow2")
+        kept = list(grp.work.glob(f"{key}.qcow2.vmshare-keep-op*"))
+        assert len(kept) == 1, "the replaced overlay is kept for rollback --generation"
+
+
+def test_every_member_sees_the_patch_as_dpkg_made_it(grp, first):
+    with Reader(grp.disk) as rd:
+        for key in ("a", "b"):
+            assert rd.dpkg_version(key, "vmshare-testpkg") == "1.0"
+            g = rd.mounted(key)
+            assert g.read_file("/var/lib/vmshare-testpkg/postinst-ran") == b"1.0\n"
+            assert g.read_file("/var/lib/vmshare-testpkg/run-step") == b"ran\n"
+            assert g.read_file("/etc/motd") == b"patched by vmshare\n"
+            st = g.lstatns("/etc/motd")
+            assert (st["st_mode"] & 0o7777, st["st_uid"], st["st_gid"]) == (0o640, 0, 4)
+            assert g.readlink("/etc/vmshare-app") == "/etc/vmshare-app.d"
+            st = g.lstatns("/etc/vmshare-app.d")
+            assert (st["st_mode"] & 0o7777, st["st_uid"], st["st_gid"]) == (0o750, 1000, 1000)
+            assert g.lstatns("/usr/local/bin/tool")["st_mode"] & 0o7777 == 0o755
+            assert not g.exists("/etc/issue.net")
+            assert not g.exists("/usr/sbin/policy-rc.d"), "the temporary policy-rc.d is gone"
+            assert not g.exists("/var/tmp/vmshare-patch")
+        assert rd.mounted("a").read_file("/etc/vmshare-testpkg.conf") == b"setting = 1\n"
+        assert rd.mounted("b").read_file("/etc/vmshare-testpkg.conf") == b"setting = local\n"
+        assert rd.mounted("a").read_file("/etc/issue").decode() == "Debian GNU/Linux 12 \\n \\l\nPatched by vmshare.\n\n"
+        # b's private copy got the diff too, its own line kept
+        assert rd.mounted("b").read_file("/etc/issue").decode() == \
+            "Debian GNU/Linux 12 \\n \\l\nPatched by vmshare.\n\nthis is guest b\n"
+
+
+def test_the_package_is_stored_once_in_the_new_base(grp, first):
+    gen = first.data["generations"][GROUP]
+    base = next(p for p in grp.store.base_files() if p.name == f"gen-{gen}.qcow2")
+    with Reader({"base": base}) as rd:
+        g = rd.mounted("base")
+        assert g.exists("/usr/share/vmshare-testpkg/data"), "the package's files are common: in the base"
+    for key in grp.disk:
+        # the overlays hold no copy of the package's data (8 KB of 'one ' x 2000)
+        data = grp.disk[key].read_bytes()
+        assert b"one one one one one one one one " * 4 not in data
+
+
+def test_history_and_generations_in_status(grp, first):
+    status = grp.store.status()
+    g = next(g for g in status["groups"] if g["name"] == GROUP)
+    assert [p["name"] for p in g["patches"]] == ["first"]
+    assert g["patches"][0]["results"] == {grp.name["a"]: "patched", grp.name["b"]: "patched"}
+
+
+def test_a_conflict_leaves_that_member_as_it_was_and_dpkg_keeps_a_changed_conffile(grp, pkgs, first):
+    (grp.files / "conf.diff").write_text("--- a\n+++ b\n@@ -1 +1 @@\n-setting = 1\n+setting = 1b\n")
+    manifest = write_manifest(grp.files, "upgrade", [
+        {"diff": {"path": "/etc/vmshare-testpkg.conf", "patch": "conf.diff"}},
+        {"install": [pkgs.v2.name]}])
+    b_before = _sha(grp.disk["b"])
+    bases = grp.store.base_files()
+    gen = first.data["generations"][GROUP]
+    r, data = _patch(grp, manifest, GROUP)
+    assert r.returncode == 3, r.stderr
+    assert _results(data) == {grp.name["a"]: "patched", grp.name["b"]: "failed"}
+    detail = next(m["detail"] for m in data["members"] if m["domain"] == grp.name["b"])
+    assert "steps[0]" in detail and "does not apply" in detail and "left as it was" in detail
+    assert _sha(grp.disk["b"]) == b_before
+    # one member patched: into its own overlay, on the same generation; the bases are untouched
+    assert data["generations"] == {}
+    assert grp.store.base_files() == bases
+    info = json.loads(ch.run(["qemu-img", "info", "-U", "--output=json", str(grp.disk["a"])]).stdout)
+    assert info["full-backing-filename"].endswith(f"gen-{gen}.qcow2")
+    a = next(m for m in data["members"] if m["domain"] == grp.name["a"])
+    assert a["packages"] == [["vmshare-testpkg", "1.0", "2.0"]]
+    assert a["kept_conffiles"] == ["/etc/vmshare-testpkg.conf"]
+    with Reader(grp.disk) as rd:
+        assert rd.dpkg_version("a", "vmshare-testpkg") == "2.0"
+        assert rd.dpkg_version("b", "vmshare-testpkg") == "1.0"
+        g = rd.mounted("a")
+        assert g.read_file("/etc/vmshare-testpkg.conf") == b"setting = 1b\n"
+        assert g.read_file("/etc/vmshare-testpkg.conf.dpkg-dist") == b"setting = 2\n"
+        assert g.read_file("/usr/share/vmshare-testpkg/data") == b"two " * 2000
+        assert rd.mounted("b").read_file("/etc/vmshare-testpkg.conf") == b"setting = local\n"
+
+
+def test_a_missing_dependency_is_a_clear_error_and_changes_nothing(grp, pkgs, first):
+    manifest = write_manifest(grp.files, "broken", [{"install": pkgs.broken.name}])
+    before = {k: _sha(grp.disk[k]) for k in grp.disk}
+    bases = grp.store.base_files()
+    r, data = _patch(grp, manifest, GROUP)
+    assert r.returncode == 3
+    for m in data["members"]:
+        assert m["result"] == "failed"
+        assert "vmshare-nonexistent" in m["detail"] and "left as it was" in m["detail"]
+    assert {k: _sha(grp.disk[k]) for k in grp.disk} == before
+    assert grp.store.base_files() == bases
+    work = grp.store.dir / "work"
+    assert not work.exists() or not list(work.iterdir()), "no scratch view is left behind"
+
+
+def test_running_member_is_queued_and_paused_member_is_refused(grp, lv, first):
+    (grp.files / "motd2").write_text("second motd\n")
+    manifest = write_manifest(grp.files, "motd2", [{"put": {"src": "motd2", "dest": "/etc/motd"}}])
+    a = grp.name["a"]
+    ch.run(["virsh", "start", a])
+    try:
+        a_before, b_before = _sha(grp.disk["a"]), _sha(grp.disk["b"])
+        ch.run(["virsh", "suspend", a])
+        r, data = _patch(grp, manifest, a)
+        assert r.returncode == 3
+        detail = data["members"][0]["detail"]
+        assert data["members"][0]["result"] == "refused" and f"virsh resume {a}" in detail
+        ch.run(["virsh", "resume", a])
+        r, data = _patch(grp, manifest, GROUP)
+        assert r.returncode == 0, r.stderr
+        assert _results(data) == {a: "queued", grp.name["b"]: "patched"}
+        assert _sha(grp.disk["a"]) == a_before
+        assert _sha(grp.disk["b"]) != b_before
+        jobs = [j for j in grp.store.status().get("jobs", []) if j["domain"] == a]
+        assert [j["kind"] for j in jobs] == ["patch"]
+    finally:
+        ch.run(["virsh", "destroy", a], check=False)
+    # the watcher applies the queued patch now that a is shut off
+    r = grp.store.vmshare("watch", "--once")
+    assert r.returncode == 0, r.stderr
+    with Reader(grp.disk) as rd:
+        assert rd.mounted("a").read_file("/etc/motd") == b"second motd\n"
+        assert rd.mounted("b").read_file("/etc/motd") == b"second motd\n"
+
+
+def test_resync_moves_a_change_every_member_made_into_the_base(grp, first):
+    """After the queued patch a and b each hold the same /etc/motd in their own overlay (method 300
+    twice): a dry run reports it, a resync puts it in a new base generation once, and every view is
+    unchanged."""
+    with Reader(grp.disk) as rd:
+        views = {k: (rd.mounted(k).read_file("/etc/motd"), rd.mounted(k).read_file("/etc/issue")) for k in grp.disk}
+    assert {v[0] for v in views.values()} == {b"second motd\n"}
+    before = {k: _sha(grp.disk[k]) for k in grp.disk}
+    dry = grp.store.json("resync", GROUP, "--dry-run")
+    assert dry["generation"] is None and dry["into_base_files"] >= 1
+    assert {k: _sha(grp.disk[k]) for k in grp.disk} == before
+    done = grp.store.json("resync", GROUP)
+    gen = done["generation"]
+    assert gen is not None and done["into_base_files"] >= 1
+    assert {m["domain"]: m["result"] for m in done["members"]} == {grp.name["a"]: "resynced",
+                                                                 grp.name["b"]: "resynced"}
+    base = next(p for p in grp.store.base_files() if p.name == f"gen-{gen}.qcow2")
+    with Reader({**grp.disk, "base": base}) as rd:
+        assert rd.mounted("base").read_file("/etc/motd") == b"second motd\n"
+        for key in grp.disk:
+            g = rd.mounted(key)
+            assert (g.read_file("/etc/motd"), g.read_file("/etc/issue")) == views[key]
+    # the old overlays were not kept (the views did not change): only earlier patches' are
+    assert not list(grp.work.glob("*.vmshare-prev"))
+
+
+def test_rollback_to_the_first_generation(grp, first):
+    r = grp.store.vmshare("rollback", "--group", GROUP, "--generation", str(grp.gen1))
+    assert r.returncode == 0, r.stderr
+    status = grp.store.status()
+    members = {m["domain"]: m for g in status["groups"] for m in g["members"]}
+    assert {m["generation"] for m in members.values()} == {grp.gen1}
+    with Reader(grp.disk) as rd:
+        for key in ("a", "b"):
+            assert rd.dpkg_version(key, "vmshare-testpkg") is None
+        assert rd.mounted("b").read_file("/etc/issue").decode() == ISSUE_B
+
+
+def test_shutdown_force_off_patches_a_running_member_and_starts_it_again(grp, lv, first):
+    """--shutdown: the guest (sitting in its firmware, it ignores ACPI) is asked to stop, powered off
+    after the timeout because of --force-off, patched, and started again."""
+    (grp.files / "motd3").write_text("third motd\n")
+    manifest = write_manifest(grp.files, "motd3", [{"put": {"src": "motd3", "dest": "/etc/motd"}}])
+    b = grp.name["b"]
+    ch.run(["virsh", "start", b])
+    try:
+        r, data = _patch(grp, manifest, b, extra=("--shutdown", "--timeout", "3"))
+        assert r.returncode == 3
+        assert "it was left running and unpatched" in data["members"][0]["detail"]
+        assert ch.run(["virsh", "domstate", b]).stdout.strip() == "running"
+        r, data = _patch(grp, manifest, b, extra=("--shutdown", "--force-off", "--timeout", "3"))
+        assert r.returncode == 0, r.stderr
+        assert _results(data) == {b: "patched"}
+        assert ch.run(["virsh", "domstate", b]).stdout.strip() == "running", "started again"
+    finally:
+        ch.run(["virsh", "destroy", b], check=False)
+    with Reader(grp.disk) as rd:
+        assert rd.mounted("b").read_file("/etc/motd") == b"third motd\n"
+
+
+@pytest.mark.parametrize("target,point", [(GROUP, "patch-views:done"), ("b", "create-overlay:done")])
+def test_kill_during_a_patch_then_recover(grp, target, point):
+    """kill -9 in the middle of a patch (the views patched; the member's new overlay made): recovery puts
+    everything back as before and leaves no temporary behind.  (A kill after a switch's rename rolls
+    that switch forward, as in every operation: test_consolidate.)"""
+    text = f"killed at {point}\n"
+    (grp.files / "kill-motd").write_text(text)
+    manifest = write_manifest(grp.files, "kill", [{"put": {"src": "kill-motd", "dest": "/etc/motd"}}])
+    with Reader(grp.disk) as rd:
+        before = {k: rd.mounted(k).read_file("/etc/motd") for k in grp.disk}
+    r = grp.store.vmshare("patch", str(manifest), grp.name.get(target, target), VMSHARE_CRASHPOINT=point)
+    assert r.returncode == -9, r.stderr
+    r = grp.store.vmshare("recover")
+    assert r.returncode == 0, r.stderr
+    with Reader(grp.disk) as rd:
+        after = {k: rd.mounted(k).read_file("/etc/motd") for k in grp.disk}
+    assert after == before
+    leftovers = [p.name for p in grp.work.iterdir() if p.name.endswith(".vmshare-new")]
+    assert leftovers == []
+    work = grp.store.dir / "work"
+    assert not work.exists() or not list(work.iterdir())
+    status = grp.store.status()
+    gens = {g["id"] for g in status["groups"][0]["generations"]}
+    assert {m["generation"] for m in status["groups"][0]["members"]} <= gens
