@@ -20,12 +20,12 @@ from .errors import StoreError
 
 DB_NAME = "state.db"
 LOCK_NAME = "lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Operation kinds whose busy disks the hook may cancel while still in the
 # ``building`` stage (the original is untouched until ``switching``).  A
 # cancelled regroup leaves that member on its current overlay and generation.
-CANCELLABLE_KINDS = ("enroll", "regroup")
+CANCELLABLE_KINDS = ("enroll", "regroup", "patch", "resync")
 
 STAGES = ("building", "switching")
 STOP_EVENT = "stopped"
@@ -117,6 +117,33 @@ CREATE TABLE inventory (
 );
 """
 
+# Schema changes after version 1, in order: (version reached, SQL).  A new store
+# gets SCHEMA_SQL and every migration at once; an older one is migrated by the
+# first process that opens it for writing.  Readers accept every version from 1.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (2, """
+CREATE TABLE patches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    manifest_path TEXT NOT NULL,
+    group_name TEXT,
+    op_id INTEGER,
+    generation_id INTEGER,
+    at REAL NOT NULL,
+    results_json TEXT NOT NULL
+);
+CREATE TABLE kept_overlays (
+    path TEXT PRIMARY KEY,
+    disk_path TEXT NOT NULL,
+    generation_id INTEGER NOT NULL,
+    op_id INTEGER,
+    kept_at REAL NOT NULL
+);
+CREATE INDEX kept_overlays_disk ON kept_overlays(disk_path);
+"""),
+)
+
 
 def db_path(store_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(store_dir), DB_NAME)
@@ -148,6 +175,7 @@ def connect_existing(store_dir: str | os.PathLike[str], *, readonly: bool, timeo
         if not readonly:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            migrate(conn)
     except BaseException:
         conn.close()
         raise
@@ -175,9 +203,25 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
     if version > SCHEMA_VERSION:
         raise StoreError(f"state store schema version {version} is newer than this vmshare supports ({SCHEMA_VERSION})",
                          target=path, hint="upgrade vmshare")
-    if version < SCHEMA_VERSION:
+    if version < 1:
         raise StoreError(f"state store schema version {version} is older than this vmshare ({SCHEMA_VERSION})",
                          target=path, hint="no migration is known for it")
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store of an older schema version up to :data:`SCHEMA_VERSION` (one transaction per step).
+    A store of the current version is only read."""
+    if conn.execute("SELECT version FROM schema_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    for version, sql in MIGRATIONS:
+        with write_transaction(conn):
+            current = conn.execute("SELECT version FROM schema_version").fetchone()[0]
+            if current >= version:
+                continue
+            for statement in sql.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (version,))
 
 
 def write_transaction(conn: sqlite3.Connection):

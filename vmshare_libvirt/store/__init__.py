@@ -23,20 +23,21 @@ from pathlib import Path
 from ..statedb import CANCELLABLE_KINDS, SCHEMA_VERSION
 from .base import DEFAULT_TIMEOUT
 from .catalog import CatalogMixin
+from .history import HistoryMixin
 from .journal import JournalMixin
 from .lock import StoreLock, read_holder
 from .queue import QueueMixin
-from .records import (BusyDisk, DomainEvent, Generation, Group, InventoryEntry, Job, LockHolder, Member,
-                      Operation, Step)
+from .records import (BusyDisk, DomainEvent, Generation, Group, InventoryEntry, Job, KeptOverlay, LockHolder,
+                      Member, Operation, PatchRecord, Step)
 
 __all__ = [
     "Store", "open_store", "CANCELLABLE_KINDS", "SCHEMA_VERSION", "DEFAULT_TIMEOUT",
-    "BusyDisk", "DomainEvent", "Generation", "Group", "InventoryEntry", "Job", "LockHolder", "Member",
-    "Operation", "Step",
+    "BusyDisk", "DomainEvent", "Generation", "Group", "InventoryEntry", "Job", "KeptOverlay", "LockHolder",
+    "Member", "Operation", "PatchRecord", "Step",
 ]
 
 
-class Store(CatalogMixin, JournalMixin, QueueMixin):
+class Store(CatalogMixin, JournalMixin, QueueMixin, HistoryMixin):
     """The state store of one store directory.  Use :meth:`open`; close it (or use ``with``)."""
 
     def __init__(self, store_dir: Path, conn, readonly: bool):

@@ -63,7 +63,7 @@ def create_database(store_dir: Path) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.executescript(
-                "BEGIN;" + statedb.SCHEMA_SQL
+                "BEGIN;" + statedb.SCHEMA_SQL + "".join(sql for _, sql in statedb.MIGRATIONS)
                 + f"INSERT INTO schema_version (version) VALUES ({int(statedb.SCHEMA_VERSION)}); COMMIT;"
             )
         finally:

@@ -17,7 +17,8 @@ STEP_STATES = ("intent", "done", "undone")
 JOB_STATES = ("queued", "running", "done", "failed")
 # Kinds of queued jobs (the watcher runs them; ``vmshare enroll`` and the engine queue them).
 JOB_ENROLL = "enroll"
-JOB_KINDS = (JOB_ENROLL,)
+JOB_PATCH = "patch"
+JOB_KINDS = (JOB_ENROLL, JOB_PATCH)
 WAIT_FOR = (None, "domain-stopped")
 # The job states and the one thing a job may wait for, by name.
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = JOB_STATES
@@ -121,3 +122,27 @@ class InventoryEntry:
 class LockHolder:
     pid: int | None
     kind: str
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """One patch run: its manifest, the generation it built (if any) and a result per member."""
+    id: int
+    name: str
+    digest: str
+    manifest_path: str
+    group_name: str | None
+    op_id: int | None
+    generation_id: int | None
+    at: float
+    results: dict[str, Any]  # domain -> {"result": ..., "detail": ...}
+
+
+@dataclass(frozen=True)
+class KeptOverlay:
+    """A member's overlay replaced by a patch, kept so that the member can go back to its generation."""
+    path: str
+    disk_path: str
+    generation_id: int
+    op_id: int | None
+    kept_at: float
