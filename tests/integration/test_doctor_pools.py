@@ -116,6 +116,7 @@ def test_doctor_on_the_real_host(setup, tmp_path):
     report = json.loads(out)
     checks = {c["name"]: c for c in report["checks"]}
     status = {name: c["status"] for name, c in checks.items()}
+    assert status.pop("selinux") in ("skip", "ok", "warn")  # depends on the host's policy
     assert status == {"config": "ok", "libvirt": "ok", "qemu-img": "ok", "appliance": "ok", "hook": "ok",
                       "hook-seen": "fail", "watcher": "ok", "store": "ok", "journal": "ok", "bases": "ok",
                       "storage-pools": "ok", "space store": "ok", **({"space images": "ok"}

@@ -121,3 +121,17 @@ def test_appliance_forced_to_tcg_is_ok_and_not_tried_twice():
 def test_appliance_without_kvm_is_a_warning():
     check = doctor.appliance_check(ApplianceSettings(), Launcher(kvm_broken=False), kvm=False, env="")
     assert check.status == WARN and "no usable /dev/kvm" in check.detail
+
+
+def test_selinux_hook_confinement(tmp_path):
+    assert doctor.selinux_check(tmp_path / "absent").status == SKIP
+    (tmp_path / "booleans").mkdir()
+    (tmp_path / "enforce").write_text("1")
+    assert doctor.selinux_check(tmp_path).status == OK  # a policy without the boolean
+    (tmp_path / "booleans" / "virt_hooks_unconfined").write_text("0 0")
+    check = doctor.selinux_check(tmp_path)
+    assert check.status == WARN and check.fix == "setsebool -P virt_hooks_unconfined on"
+    (tmp_path / "enforce").write_text("0")
+    assert doctor.selinux_check(tmp_path).status == OK
+    (tmp_path / "booleans" / "virt_hooks_unconfined").write_text("1 1")
+    assert doctor.selinux_check(tmp_path).detail == "virt_hooks_unconfined is on"

@@ -4,7 +4,8 @@ Checks, in order: the configuration; libvirt (connection, daemon and client
 versions, the QEMU version); qemu-img; the libguestfs appliance (does it start,
 with KVM or only with TCG); the hook (installed, executable, current, naming
 the configured store, and seen by libvirtd: libvirtd only runs hook files that
-existed when it started); the watcher (holds ``<store_dir>/watch.lock``); the
+existed when it started); SELinux (hooks run confined unless the boolean
+``virt_hooks_unconfined`` is on); the watcher (holds ``<store_dir>/watch.lock``); the
 store (readable) and its journal (no unfinished operation of a dead process);
 the bases (quick fingerprints and modes; ``--full`` also compares SHA-256);
 the storage pools of the bases; free space in the store and image directories.
@@ -58,7 +59,8 @@ class Check:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "doctor", help="check the host and say what to fix",
-        description="Check libvirt, QEMU, qemu-img, the libguestfs appliance, the hook, the watcher, the store, "
+        description="Check libvirt, QEMU, qemu-img, the libguestfs appliance, the hook, SELinux's confinement of "
+                    "hooks, the watcher, the store, "
                     "its journal, the bases, their storage pools and free space; print one line per check "
                     "(ok, warn, FAIL) with what to fix.  Exit status: 0 all ok, 1 warnings only, 2 failures.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -143,6 +145,24 @@ def flock_holders(proc_locks: str, st: os.stat_result) -> list[int]:
     return pids
 
 
+def selinux_check(selinuxfs: Path = Path("/sys/fs/selinux")) -> Check:
+    """SELinux confines libvirt's hooks unless the boolean virt_hooks_unconfined is on (Fedora/RHEL)."""
+    try:
+        enforcing = (selinuxfs / "enforce").read_text().strip() == "1"
+    except OSError:
+        return Check("selinux", SKIP, "SELinux is not enabled")
+    try:
+        current = (selinuxfs / "booleans" / "virt_hooks_unconfined").read_text().split()[0] == "1"
+    except (OSError, IndexError):
+        return Check("selinux", OK, "no virt_hooks_unconfined boolean: the policy does not confine hooks apart")
+    if current:
+        return Check("selinux", OK, "virt_hooks_unconfined is on")
+    mode = "enforcing" if enforcing else "permissive (denials are only logged)"
+    return Check("selinux", WARN if enforcing else OK,
+                 f"{mode}; virt_hooks_unconfined is off: the hook runs confined and may be denied the store",
+                 "setsebool -P virt_hooks_unconfined on")
+
+
 def space_status(free: int, need: int) -> str:
     if free < MIN_FREE_BYTES:
         return FAIL
@@ -207,6 +227,7 @@ class Doctor:
         steps: list[tuple[str, Callable[[], Check | list[Check]]]] = [
             ("config", self.check_config), ("libvirt", self.check_libvirt), ("qemu-img", self.check_qemu_img),
             ("appliance", self.check_appliance), ("hook", self.check_hook), ("hook-seen", self.check_hook_seen),
+            ("selinux", selinux_check),
             ("watcher", self.check_watcher), ("store", self.check_store), ("journal", self.check_journal),
             ("bases", self.check_bases), ("storage-pools", self.check_pools), ("space", self.check_space),
         ]
