@@ -98,18 +98,26 @@ def store_bytes(store_dir: str) -> int:
     return total
 
 
+def create_build_file(op: Operation, cfg: Config, members: list[Selected]) -> tuple[str, int]:
+    """The empty qcow2 a new base is built in, sized for the smallest member; returns it and its size."""
+    size = min(m.size for m in members)
+    return steps.create_base_file(op, str(cfg.store_dir), size), size
+
+
 def new_generation(op: Operation, cfg: Config, lv: Libvirt, group: str, members: list[Selected],
-                   progress: Callable[[str], None], build_path: str, survey=None, keep_previous: bool = True):
-    """Build a generation of ``group`` from the members' views into ``build_path`` (an open ``survey``
-    of the views, whose first appliance holds ``build_path``, is used and closed), rebuild every member
+                   progress: Callable[[str], None], build: tuple[str, int], survey=None,
+                   keep_previous: bool = True):
+    """Build a generation of ``group`` from the members' views into the ``build`` file (from
+    :func:`create_build_file`; an open ``survey`` of the views, whose first appliance holds that file,
+    is used and closed), rebuild every member
     on it, verified against its view, and switch it; with ``keep_previous`` the overlay it replaces is
     kept (a patch changed the view: the old one is a way back).
 
     Returns ``(generation, built, reasons)``: ``reasons`` maps each member left as it was to why."""
+    build_path, size = build
     targets = [m.target for m in members]
     formats = {m.name: ("qcow2" if m.view else m.fmt) for m in members}
     sizes = {m.name: m.size for m in members}
-    size = qemu_img.info(build_path, "qcow2").virtual_size
     built = steps.build_base(op, cfg, progress, targets, formats, build_path, group, True, survey=survey)
     gen = steps.publish_base(op, cfg, progress, built, build_path, size)
     new_paths = steps.create_overlays(op, built.group.members, sizes, gen.path)

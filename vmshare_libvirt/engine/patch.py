@@ -48,8 +48,8 @@ from ..store.records import JOB_PATCH
 from ..survey import Survey
 from . import basemanifest, overlay, steps
 from .files import private_dir, remove_quietly
-from .generation import (WAIT_CODES, WHAT_TO_DO, Selected, allocated, new_generation, state_problem,
-                         store_bytes)
+from .generation import (WAIT_CODES, WHAT_TO_DO, Selected, allocated, create_build_file, new_generation,
+                         state_problem, store_bytes)
 from .generation import select as select_member
 from .members import collect_unused_bases, expire_kept_overlays, verify_bases
 from .operation import Operation, StepRecord, step_type
@@ -236,11 +236,11 @@ def _copy_file(src: str, dst: str) -> None:
 # -- method 400: a new generation for the group -------------------------------------------------------
 
 def _new_generation(op: Operation, cfg: Config, lv: Libvirt, group: str, members: list[Selected],
-                    progress: Callable[[str], None], results: dict[str, MemberResult], build_path: str,
+                    progress: Callable[[str], None], results: dict[str, MemberResult], build: tuple[str, int],
                     survey: Survey) -> int:
     """A generation of ``group`` from the members' patched views (read through ``survey``, whose first
-    appliance holds ``build_path``), every member switched onto it (its old overlay kept)."""
-    gen, _built, reasons = new_generation(op, cfg, lv, group, members, progress, build_path, survey)
+    appliance holds the build file), every member switched onto it (its old overlay kept)."""
+    gen, _built, reasons = new_generation(op, cfg, lv, group, members, progress, build, survey)
     for m in members:
         _switched(results[m.name], reasons.get(m.name), gen.id)
     return gen.id
@@ -377,20 +377,19 @@ def _run(cfg, lv: Libvirt, store, manifest: Manifest, group: str, method: str, m
         started = time.monotonic()
 
     try:
-        build_path = None
-        if method == "group" and len(members) >= 2:
-            build_path = steps.create_base_file(op, str(cfg.store_dir), min(m.size for m in members))
-        survey = _patch_views(op, cfg, progress, manifest, members, results, all_or_nothing, build_path)
+        build = create_build_file(op, cfg, members) if method == "group" and len(members) >= 2 else None
+        survey = _patch_views(op, cfg, progress, manifest, members, results, all_or_nothing,
+                              build[0] if build else None)
         timed("patch views")
         ok = [m for m in members if m.applied is not None]
-        if build_path and len(ok) >= 2:
-            generation = _new_generation(op, cfg, lv, group, ok, progress, results, build_path, survey)
+        if build and len(ok) >= 2:
+            generation = _new_generation(op, cfg, lv, group, ok, progress, results, build, survey)
             report.generations[group] = generation
             timed("new generation")
         else:
             survey.close()
-            if build_path:
-                remove_quietly(build_path)  # one member or none: no new base
+            if build:
+                remove_quietly(build[0])  # one member or none: no new base
             for m in ok:
                 _switched(results[m.name], _into_own_overlay(op, lv, m, progress), m.record.generation_id)
             timed("own overlays")

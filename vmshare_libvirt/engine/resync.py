@@ -29,7 +29,8 @@ from ..guest.patcher import one_line
 from ..plan import GroupPlan
 from ..survey import survey as read_only_survey
 from . import basemanifest, steps
-from .generation import WHAT_TO_DO, Selected, allocated, new_generation, select, state_problem, store_bytes
+from .generation import (WHAT_TO_DO, Selected, allocated, create_build_file, new_generation, select, state_problem,
+                         store_bytes)
 from .members import collect_unused_bases, verify_bases
 from .operation import Operation
 from .switch import Libvirt
@@ -114,19 +115,24 @@ def _compare_with_base(store, members: list[Selected], gp: GroupPlan, report: Re
     old, _layout, _uuids = basemanifest.load(basemanifest.manifest_path(gen.path))
     for part, fc in gp.common.items():
         before = old.get(part)
-        had = before.paths if before else set()
-        new = fc.paths - had
-        report.into_base_files += sum(1 for p in new if fc.base_entries[p].kind == "f")
-        report.into_base_bytes += sum(fc.base_entries[p].allocated for p in new if fc.base_entries[p].kind == "f")
+        moved = [e for p, e in fc.base_entries.items() if e.kind == "f" and not _same_in(before, p, e)]
+        report.into_base_files += len(moved)
+        report.into_base_bytes += sum(e.allocated for e in moved)
     for part, fc in old.items():
         now = gp.common.get(part)
-        gone = fc.paths - (now.paths if now else set())
-        report.out_of_base_files += sum(1 for p in gone if fc.base_entries[p].kind == "f")
-        report.out_of_base_bytes += sum(fc.base_entries[p].allocated for p in gone if fc.base_entries[p].kind == "f")
+        gone = [e for p, e in fc.base_entries.items() if e.kind == "f" and not _same_in(now, p, e)]
+        report.out_of_base_files += len(gone)
+        report.out_of_base_bytes += sum(e.allocated for e in gone)
     for drift in report.members:
         t = next((m.target for m in members if m.name == drift.domain), None)
         if t is not None and t.name in gp.deltas:
             drift.private_files, drift.private_bytes = gp.member_private(t)
+
+
+def _same_in(fc, path: bytes, entry) -> bool:
+    """True when the common set ``fc`` holds ``path`` with the content of ``entry``."""
+    other = fc.base_entries.get(path) if fc is not None else None
+    return other is not None and other.content_key() == entry.content_key()
 
 
 def _dry_run(cfg, store, members: list[Selected], report: ResyncReport, progress) -> None:
@@ -148,8 +154,8 @@ def _run(cfg, lv: Libvirt, store, group: str, members: list[Selected], report: R
     for m in members:
         op.mark_busy(m.name, m.target.disk_path)
     try:
-        build_path = steps.create_base_file(op, str(cfg.store_dir), min(m.size for m in members))
-        gen, built, reasons = new_generation(op, cfg, lv, group, members, progress, build_path, keep_previous=False)
+        build = create_build_file(op, cfg, members)
+        gen, built, reasons = new_generation(op, cfg, lv, group, members, progress, build, keep_previous=False)
         op.finish()
     except Exception as exc:
         op.roll_back(str(exc))

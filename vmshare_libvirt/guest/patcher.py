@@ -195,10 +195,10 @@ class GuestPatcher:
         return posixpath.join(self.g.realpath(parent), base)
 
     def _lstat_mode(self, path: str) -> int | None:
-        try:
-            return self.g.lstatns(path)["st_mode"]
-        except RuntimeError:
-            return None
+        """The mode of ``path`` itself (a symlink is not followed), None when there is no such entry."""
+        if not self.g.is_symlink(path) and not self.g.exists(path):
+            return None  # asked first: a failing lstatns would print an error of libguestfs
+        return self.g.lstatns(path)["st_mode"]
 
     def _set_owner_mode(self, path: str, args: dict, default_mode: int | None) -> None:
         mode = args.get("mode", default_mode)
