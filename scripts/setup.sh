@@ -13,6 +13,7 @@ PACKAGES=(
     libvirt-daemon-system libvirt-clients qemu-system-x86 debootstrap
     python3-venv python3-yaml linux-image-amd64 busybox-static
     extlinux syslinux-common cpio grub-pc-bin
+    patch  # the diff step of patch manifests
     debhelper dh-python python3-all  # packaging/build-deb.sh (the .deb)
 )
 

@@ -89,13 +89,18 @@ def grp(lv, testbed_cache, tmp_path_factory):
 
 
 def security_version(package: str) -> str:
-    """The version of ``package`` in the Debian security archive, as the host's apt knows it."""
-    out = ch.run(["apt-cache", "madison", package]).stdout
-    for line in out.splitlines():
-        name, version, source = (part.strip() for part in line.split("|")[:3])
-        if name == package and "security" in source:
-            return version
-    raise AssertionError(f"the host's apt lists no {package} from the security archive (run apt-get update)")
+    """The version of ``package`` in the Debian security archive, as the host's apt knows it (its
+    package lists are refreshed once when they name none)."""
+    for attempt in range(2):
+        out = ch.run(["apt-cache", "madison", package]).stdout
+        for line in out.splitlines():
+            name, version, source = (part.strip() for part in line.split("|")[:3])
+            if name == package and "security" in source:
+                return version
+        if attempt == 0:
+            ch.run(["apt-get", "update", "-q"])
+    raise AssertionError(f"the host's apt sources name no {package} in the Debian security archive "
+                         "(add bookworm-security to the apt sources)")
 
 
 @pytest.fixture(scope="module")
