@@ -109,6 +109,10 @@ class SpaceWatch:
             sock.close()
             raise GuestError(f"cannot watch the appliance through QEMU's monitor: {exc}",
                              hint="without it an appliance that a full filesystem paused would wait for ever") from exc
+        finally:
+            # connected (or given up): the socket's name goes at once, so a process killed later leaves
+            # nothing behind, and no one else can connect
+            shutil.rmtree(self._dir, ignore_errors=True)
         sock.settimeout(None)
         self._sock = sock
         # libguestfs names its drives hd0, hd1, ... in the order they were added
