@@ -70,6 +70,11 @@ def _record_space_stop(directory: str) -> None:
         del _space_stops[:-64]
 
 
+# An appliance boots in seconds with KVM and well under a minute with TCG on a loaded host: one that
+# has not come up after this long hung (seen rarely under TCG) and is ended.
+LAUNCH_TIMEOUT_S = 300.0
+
+
 class SpaceWatch:
     """QEMU's monitor of one direct-backend appliance, read by a thread of its own.
 
@@ -167,6 +172,25 @@ class SpaceWatch:
             _record_space_stop(self.stopped_dir)
         self._send(stream, "quit")
 
+    def end_launch(self) -> None:
+        """Make QEMU quit before the watch started: an appliance that did not come up in time."""
+        deadline = time.monotonic() + self.CONNECT_TIMEOUT_S
+        while True:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                    sock.settimeout(self.CONNECT_TIMEOUT_S)
+                    sock.connect(self.socket_path)
+                    stream = sock.makefile("rwb")
+                    self._reply(stream)  # the greeting
+                    self._command(stream, "qmp_capabilities")
+                    self._command(stream, "quit")  # waited for: QEMU drops what a closed client sent
+                return
+            except (OSError, ValueError) as exc:
+                if time.monotonic() > deadline:  # QEMU never opened its monitor
+                    log.warning("could not end the appliance that did not start: %s", exc)
+                    return
+                time.sleep(0.2)
+
     def close(self) -> None:
         if self._sock is not None:
             try:
@@ -242,15 +266,34 @@ class GuestSession:
         return dev
 
     def launch(self) -> None:
+        """Start the appliance.  One that has not come up after :data:`LAUNCH_TIMEOUT_S` (a boot that
+        hung) is ended through QEMU's monitor, so the caller fails instead of waiting for ever."""
         self._progress(f"starting the libguestfs appliance for {len(self.disks)} disk(s)")
         start = time.monotonic()
+        timed_out = threading.Event()
+        timer = None
+        if self.space_watch is not None:
+            def give_up() -> None:
+                timed_out.set()
+                self.space_watch.end_launch()
+
+            timer = threading.Timer(LAUNCH_TIMEOUT_S, give_up)
+            timer.daemon = True
+            timer.start()
         try:
             self.g.launch()
         except RuntimeError as exc:
+            if timed_out.is_set():
+                raise GuestError(f"the libguestfs appliance did not start within {LAUNCH_TIMEOUT_S:.0f} s "
+                                 "and was stopped", hint="run 'vmshare doctor' and 'libguestfs-test-tool'; "
+                                 "then run the command again") from exc
             raise GuestError(
                 f"the libguestfs appliance did not start: {exc}",
                 hint="run 'libguestfs-test-tool'; where nested KVM is broken set appliance.backend_settings: [force_tcg]",
             ) from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
         self.launched = True
         if self.space_watch is not None:
             self.space_watch.start(self.disks)
