@@ -141,6 +141,9 @@ def first(grp, pkgs):
         {"delete": "/etc/issue.net"},
         {"run": "echo ran > /var/lib/vmshare-testpkg/run-step; "
                 "if grep -q patch-b /etc/hostname; then echo 'setting = local' > /etc/vmshare-testpkg.conf; fi"},
+        # a Unix socket left in the filesystem (a daemon's, made here by perl-base): the rebuild keeps it
+        {"run": "perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Local => \"/var/lib/vmshare-testpkg/sock\", "
+                "Listen => 1) or die'"},
     ]
     manifest = write_manifest(grp.files, "first", steps)
     before = {k: _sha(grp.disk[k]) for k in grp.disk}
@@ -230,6 +233,7 @@ def test_every_member_sees_the_patch_as_dpkg_made_it(grp, first):
             assert (st["st_mode"] & 0o7777, st["st_uid"], st["st_gid"]) == (0o750, 1000, 1000)
             assert g.lstatns("/usr/local/bin/tool")["st_mode"] & 0o7777 == 0o755
             assert not g.exists("/etc/issue.net")
+            assert g.lstatns("/var/lib/vmshare-testpkg/sock")["st_mode"] & 0o170000 == 0o140000, "a socket"
             assert not g.exists("/usr/sbin/policy-rc.d"), "the temporary policy-rc.d is gone"
             assert not g.exists("/var/tmp/vmshare-patch")
         assert rd.mounted("a").read_file("/etc/vmshare-testpkg.conf") == b"setting = 1\n"
