@@ -303,6 +303,17 @@ class Store:
                 os.chmod(p, 0o644)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.config.unlink(missing_ok=True)
+        drop_pools_under(self.dir)
+
+
+def drop_pools_under(directory: Path) -> None:
+    """Undefine the storage pools vmshare registered for the bases of a test store in ``directory``."""
+    names = subprocess.run(["virsh", "pool-list", "--all", "--name"], capture_output=True, text=True).stdout.split()
+    for name in names:
+        xml = subprocess.run(["virsh", "pool-dumpxml", name], capture_output=True, text=True).stdout
+        if f"<path>{directory}/" in xml:
+            subprocess.run(["virsh", "pool-destroy", name], capture_output=True)
+            subprocess.run(["virsh", "pool-undefine", name], capture_output=True)
 
 
 def disk_leftovers(directory: Path) -> list[Path]:
