@@ -37,13 +37,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .. import domains as dommod
-from .. import parallel, qemu_img
+from .. import parallel, process, qemu_img
 from ..config import Config
 from ..errors import BlockedError, OperationError, TargetError, VerificationError, VmshareError
 from ..guest.inspect import inspect_disks
 from ..guest.patcher import GuestPatcher, StepFailed, one_line, package_fields
 from ..guest.session import GuestSession
 from ..patchfile import Manifest
+from ..process import CommandError
 from ..store.records import JOB_PATCH
 from ..survey import Survey
 from . import basemanifest, overlay, steps
@@ -226,11 +227,10 @@ def _into_own_overlay(op: Operation, lv: Libvirt, m: Selected, progress: Callabl
 
 def _copy_file(src: str, dst: str) -> None:
     """A sparse copy of ``src`` (reflinked where the filesystem can)."""
-    import subprocess
-
-    proc = subprocess.run(["cp", "--sparse=always", "--reflink=auto", "--", src, dst], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise OperationError(f"cannot copy {src}: {proc.stderr.strip()}")
+    try:
+        process.run(["cp", "--sparse=always", "--reflink=auto", "--", src, dst])
+    except CommandError as exc:
+        raise OperationError(f"cannot copy {src}: {exc.stderr.decode('utf-8', 'replace').strip()}") from exc
 
 
 # -- method 400: a new generation for the group -------------------------------------------------------

@@ -19,16 +19,18 @@ away, so a member is patched completely or not at all.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import posixpath
-import subprocess
 import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from .. import process
 from ..errors import GuestError
 from ..patchfile import Manifest, Step
+from ..process import CommandError
 from .model import DiskInspection
 from .session import GuestSession
 
@@ -58,15 +60,16 @@ class Applied:
     kept_conffiles: list[str] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=None)
 def package_fields(deb: str) -> dict[str, str]:
-    """Package, Version, Architecture and Installed-Size of a .deb file on the host."""
+    """Package, Version, Architecture and Installed-Size of a .deb file on the host (read once per
+    file: every member's report and dry run asks again).  Do not change the returned mapping."""
     names = ("Package", "Version", "Architecture", "Installed-Size")
     try:
-        out = subprocess.run(["dpkg-deb", "--field", deb, *names], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        raise GuestError(f"not a readable .deb package: {detail.strip().splitlines()[-1] if detail.strip() else exc}",
-                         target=deb) from exc
+        out = process.run(["dpkg-deb", "--field", deb, *names]).stdout.decode("utf-8", "replace")
+    except CommandError as exc:
+        lines = exc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise GuestError(f"not a readable .deb package: {lines[-1] if lines else exc.message}", target=deb) from exc
     fields = {}
     for line in out.splitlines():
         key, _, value = line.partition(":")
@@ -257,14 +260,14 @@ class GuestPatcher:
         self.g.chmod(step.args["mode"], path)
 
     def _chown(self, step: Step) -> None:
-        self._set_owner_mode(self._existing(step), {k: v for k, v in step.args.items() if k != "mode"}, None)
+        self._set_owner_mode(self._existing(step), step.args, None)  # a chown step has no mode
 
-    def _existing(self, step: Step, allow_link: bool = False) -> str:
+    def _existing(self, step: Step) -> str:
         path = self._entry(step.args["path"])
         mode = self._lstat_mode(path)
         if mode is None:
             raise StepFailed(step, f"{step.args['path']} does not exist")
-        if _is(mode, 0o120000) and not allow_link:
+        if _is(mode, 0o120000):
             raise StepFailed(step, f"{step.args['path']} is a symlink")
         return path
 
@@ -275,15 +278,14 @@ class GuestPatcher:
         with tempfile.TemporaryDirectory(prefix="vmshare-diff-", dir=self.workdir) as tmp:
             before, after = os.path.join(tmp, "before"), os.path.join(tmp, "after")
             self.g.download(path, before)
-            proc = subprocess.run(
-                ["patch", "--batch", "--forward", "--silent", "--reject-file=-", "--no-backup-if-mismatch",
-                 "--input", step.args["patch"], "--output", after, before],
-                capture_output=True, text=True, cwd=tmp, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                                               "LC_ALL": "C"})
-            if proc.returncode != 0:
-                detail = (proc.stdout + proc.stderr).strip().splitlines()
+            try:
+                process.run(["patch", "--batch", "--forward", "--silent", "--reject-file=-",
+                             "--no-backup-if-mismatch", "--input", step.args["patch"], "--output", after, before],
+                            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"})
+            except CommandError as exc:
+                detail = (exc.stdout + exc.stderr).decode("utf-8", "replace").strip().splitlines()
                 raise StepFailed(step, "the diff does not apply to this guest's copy"
-                                 + (f" ({detail[0]})" if detail else ""))
+                                 + (f" ({detail[0]})" if detail else "")) from exc
             self.g.upload(after, path)  # the same inode: owner and mode stay
 
     def _run(self, step: Step) -> None:
