@@ -27,10 +27,22 @@ def test_the_packaged_configuration_states_the_default():
 
 
 class _ListingOnly:
-    """Just enough of the appliance for scan() to reach its listing."""
+    """Just enough of the appliance for scan() to reach its listing: the tools' listing (``debug``)
+    or, when ``tools`` is false, the per-name API's."""
 
-    def __init__(self, count: int):
-        self.count = count
+    def __init__(self, count: int, tools: bool = True):
+        self.count, self.tools = count, tools
+
+    def debug(self, subcmd, args):
+        if not self.tools:
+            raise RuntimeError("debug: unknown subcommand")
+        if args[0].startswith("rm -f"):
+            return ""
+        import base64
+        entries = b"".join(b"%d f 644 1 0 0 0 0 0.0000000000 f%d\0\0" % (i + 3, i) for i in range(self.count))
+        entries = b"2 d 755 2 0 0 4096 8 0.0000000000 \0\0" + entries
+        return (f"vmshare-listing 0 0 /tmp/e {len(entries)} /tmp/x 0 inline\n\n"
+                f"E{base64.b64encode(entries).decode()}\nX\nend")
 
     def lstatns(self, path):
         return {"st_mode": 0o40755, "st_uid": 0, "st_gid": 0, "st_size": 4096, "st_blocks": 8,
@@ -48,11 +60,20 @@ class _ListingOnly:
         raise AssertionError("metadata read despite the limit")
 
 
-def test_a_listing_over_the_limit_is_refused_before_any_metadata_is_read():
+@pytest.mark.parametrize("tools", [True, False], ids=["tools", "per-name-api"])
+def test_a_listing_over_the_limit_is_refused_before_any_metadata_is_read(tools):
     from vmshare_libvirt.errors import VmshareError
     from vmshare_libvirt.guest.manifest import FilesystemReader
 
     reader = object.__new__(FilesystemReader)
-    reader.g, reader.mountpoint, reader.name, reader.max_entries = _ListingOnly(11), "/m", "deb1 partition 1", 10
+    reader.g, reader.mountpoint, reader.name, reader.max_entries = _ListingOnly(11, tools), "/m", "deb1 partition 1", 10
     with pytest.raises(VmshareError, match="more than 10 entries"):
         reader.scan()
+
+
+def test_a_listing_at_the_limit_is_read():
+    from vmshare_libvirt.guest.manifest import FilesystemReader
+
+    reader = object.__new__(FilesystemReader)
+    reader.g, reader.mountpoint, reader.name, reader.max_entries = _ListingOnly(10), "/m", "deb1 partition 1", 10
+    assert len(reader.scan().entries) == 11  # the root and its 10 files

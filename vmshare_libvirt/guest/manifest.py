@@ -1,8 +1,10 @@
 """Read a filesystem's manifest inside the appliance with bulk calls.
 
-Per filesystem: one ``find0`` for the names, one ``lstatnslist`` and one
-``lxattrlist`` per directory (the API takes plain names in one directory),
-and ``checksums_out`` bulk digests chosen by :mod:`.digests`.  Names the
+Per filesystem: the entries and their metadata from the appliance's ``find``
+and ``getfattr`` in a few calls (:mod:`.listing`; when their output cannot be
+read, one ``find0`` for the names and per directory one ``lstatnslist`` and one
+``lxattrlist``: the API takes plain names in one directory), and
+``checksums_out`` bulk digests chosen by :mod:`.digests`.  Names the
 per-name API cannot carry (newlines, bytes that are not UTF-8: the Python
 binding only takes ``str``) are read from one streamed ``tar_out`` of the
 root that excludes every other name (:mod:`.oddscan`), with their digests
@@ -24,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 from ..errors import VmshareError
 from ..progress import Meter
 
-from . import digests
+from . import digests, listing
 from .extents import FileExtents, debugfs_commands, parse_debugfs
 from .entries import KINDS, Entry, Manifest
 from .oddscan import OddScan, entry_from_tarinfo  # noqa: F401 - entry_from_tarinfo is part of this API
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_ENTRIES = 5_000_000
 BATCH = 800  # names per lstatnslist/lxattrlist call: well under the 4 MB message limit
 PREAD_CHUNK = 2 << 20  # well below the 4 MiB protocol message limit
+SYSROOT = "/sysroot"  # where the appliance mounts the guest tree the API names paths in
 EXTENT_BATCH = 4000  # inodes per debugfs call: ~130 bytes of output each, under the message limit
 
 
@@ -204,7 +207,89 @@ class FilesystemReader:
             raise guestfs_error(exc, f"cannot archive /{path.decode('utf-8', 'replace')}", self.name) from exc
 
     def scan(self) -> Manifest:
-        """Every entry with its metadata; digests only for names read through tar."""
+        """Every entry with its metadata; digests only for names read through tar.  Read with the
+        appliance's tools in a few calls (:mod:`.listing`); directory by directory through the per-name
+        API when their output cannot be read."""
+        try:
+            return self._scan_with_tools()
+        except listing.ListingFormatError as exc:
+            log.warning("%s: the bulk listing could not be read (%s); reading it directory by directory",
+                        self.name, exc)
+        return self._scan_per_directory()
+
+    def _scan_with_tools(self) -> Manifest:
+        g = self.g
+        script = listing.listing_script(SYSROOT + (self.mountpoint if self.mountpoint != "/" else ""))
+        try:
+            files, error = listing.parse_status(g.debug("sh", [script]))
+        except RuntimeError as exc:
+            raise listing.ListingFormatError(f"the listing script failed: {exc}") from exc
+        try:
+            if error:
+                raise listing.ListingFormatError(error)
+            manifest = Manifest()
+            odd_tops: set[bytes] = set()
+            devices: dict[bytes, list[bytes]] = defaultdict(list)
+            count = 0
+            chunks = [files.inline[0]] if files.inline else self._read_back(files.entries, files.entries_size)
+            for head, target in listing.records(chunks):
+                count += 1
+                if count > self.max_entries + 1:  # the root is not an entry of the limit
+                    raise too_many_entries(self.name, self.max_entries)
+                entry = listing.parse_entry(head, target)
+                parts = entry.path.split(b"/") if entry.path else []
+                bad = next((i for i, part in enumerate(parts) if not is_api_safe(part)), None)
+                if bad is not None:
+                    odd_tops.add(b"/".join(parts[:bad + 1]))
+                    continue
+                if entry.path in manifest.entries:
+                    raise listing.ListingFormatError(f"{entry.path!r} listed twice")
+                manifest.entries[entry.path] = entry
+                if listing.is_device(entry):
+                    parent, _, name = entry.path.rpartition(b"/")
+                    devices[parent].append(name)
+            if b"" not in manifest.entries:
+                raise listing.ListingFormatError("the listing holds no root directory")
+            xattrs = listing.parse_xattrs([files.inline[1]] if files.inline
+                                          else self._read_back(files.xattrs, files.xattrs_size))
+        finally:
+            if not files.inline:
+                try:
+                    g.debug("sh", [listing.remove_command(files)])
+                except RuntimeError as exc:
+                    log.debug("%s: cannot remove the listing files: %s", self.name, exc)
+        for path, attrs in xattrs.items():
+            entry = manifest.entries.get(path)
+            if entry is not None:
+                entry.xattrs = attrs
+            elif not any(path == top or path.startswith(top + b"/") for top in odd_tops):
+                raise listing.ListingFormatError(f"attributes of {path!r}, which the listing does not hold")
+        for dirpath, names in devices.items():
+            try:
+                stats = g.lstatnslist(self.guest_path(dirpath), [n.decode("utf-8") for n in names])
+            except RuntimeError as exc:
+                raise guestfs_error(exc, f"cannot read device nodes in /{dirpath.decode()}", self.name) from exc
+            for name, st in zip(names, stats):
+                manifest.entries[join(dirpath, name)].rdev = listing.device_number(st)
+        if odd_tops:
+            self._scan_odd(odd_tops, manifest)
+        return manifest
+
+    def _read_back(self, path: str, size: int) -> Iterator[bytes]:
+        """The appliance file ``path`` of ``size`` bytes, in chunks."""
+        for offset in range(0, size, listing.READ_CHUNK):
+            try:
+                text = self.g.debug("sh", [listing.read_command(path, offset, listing.READ_CHUNK)])
+            except RuntimeError as exc:
+                raise guestfs_error(exc, "cannot read the file listing", self.name) from exc
+            chunk = listing.decode_chunk(text)
+            if len(chunk) != min(listing.READ_CHUNK, size - offset):
+                raise listing.ListingFormatError(f"{path}: read {len(chunk)} bytes at {offset}, of {size}")
+            yield chunk
+
+    def _scan_per_directory(self) -> Manifest:
+        """:meth:`scan` through the per-name API: one ``find0``, then per directory ``lstatnslist``,
+        ``lxattrlist`` and ``readlinklist``."""
         g = self.g
         manifest = Manifest()
         root_st = g.lstatns(self.mountpoint)
@@ -213,13 +298,13 @@ class FilesystemReader:
         by_dir: dict[bytes, list[bytes]] = defaultdict(list)
         odd_tops: set[bytes] = set()
         with tempfile.TemporaryDirectory(prefix="vmshare-") as tmp:
-            listing = Path(tmp, "names")
+            listing_file = Path(tmp, "names")
             try:
-                g.find0(self.mountpoint, str(listing))
+                g.find0(self.mountpoint, str(listing_file))
             except RuntimeError as exc:
                 raise guestfs_error(exc, "cannot list files", self.name) from exc
             count = 0
-            for path in iter_listing(listing):
+            for path in iter_listing(listing_file):
                 count += 1
                 if count > self.max_entries:
                     raise too_many_entries(self.name, self.max_entries)
@@ -230,15 +315,17 @@ class FilesystemReader:
                 else:
                     odd_tops.add(b"/".join(parts[:bad + 1]))
         for dirpath in list(by_dir):
-            self._scan_directory(dirpath, by_dir.pop(dirpath), manifest)
+            odd_tops |= self._scan_directory(dirpath, by_dir.pop(dirpath), manifest)
         if odd_tops:
             self._scan_odd(odd_tops, manifest)
         return manifest
 
-    def _scan_directory(self, dirpath: bytes, children: list[bytes], manifest: Manifest) -> None:
-        """Metadata of the API-safe ``children`` of one directory, in batches."""
+    def _scan_directory(self, dirpath: bytes, children: list[bytes], manifest: Manifest) -> set[bytes]:
+        """Metadata of the API-safe ``children`` of one directory, in batches.  Returns the symlinks whose
+        target the binding cannot carry (not UTF-8): they are left for :meth:`_scan_odd`."""
         g = self.g
         where = self.guest_path(dirpath)
+        odd: set[bytes] = set()
         for i in range(0, len(children), BATCH):
             batch = children[i : i + BATCH]
             strs = [c.decode("utf-8") for c in batch]
@@ -247,20 +334,41 @@ class FilesystemReader:
                 xattrs = _split_xattrlist(g.lxattrlist(where, strs), len(strs))
             except RuntimeError as exc:
                 raise guestfs_error(exc, f"cannot read metadata in /{dirpath.decode()}", self.name) from exc
+            except UnicodeDecodeError as exc:
+                raise VmshareError(f"an extended attribute name in /{dirpath.decode()} is not UTF-8, "
+                                   "which the per-name API cannot carry", target=self.name,
+                                   hint="nothing was changed") from exc
             links = [i for i, st in enumerate(stats) if stat.S_ISLNK(st["st_mode"])]
-            targets = {}
-            if links:
-                try:
-                    got = g.readlinklist(where, [strs[i] for i in links])
-                except RuntimeError as exc:
-                    raise guestfs_error(exc, f"cannot read symlinks in /{dirpath.decode()}", self.name) from exc
-                targets = {links[k]: t.encode("utf-8", "surrogateescape") for k, t in enumerate(got)}
+            targets = self._read_links(where, [strs[k] for k in links], dirpath)
             for i, (child, st, xa) in enumerate(zip(batch, stats, xattrs)):
                 path = join(dirpath, child)
                 entry = _entry_from_stat(path, st, xa)
                 if entry.kind == "l":
-                    entry.target = targets[i]
+                    if strs[i] not in targets:
+                        odd.add(path)
+                        continue
+                    entry.target = targets[strs[i]]
                 manifest.entries[path] = entry
+        return odd
+
+    def _read_links(self, where: str, names: list[str], dirpath: bytes) -> dict[str, bytes]:
+        """Name -> target of the symlinks ``names`` in guest directory ``where``; a target that is not
+        UTF-8 is left out."""
+        if not names:
+            return {}
+        try:
+            try:
+                return {n: t.encode("utf-8", "surrogateescape") for n, t in zip(names, self.g.readlinklist(where, names))}
+            except UnicodeDecodeError:
+                out = {}
+                for n in names:
+                    try:
+                        out[n] = self.g.readlink(f"{where}/{n}").encode("utf-8", "surrogateescape")
+                    except UnicodeDecodeError:
+                        pass
+                return out
+        except RuntimeError as exc:
+            raise guestfs_error(exc, f"cannot read symlinks in /{dirpath.decode()}", self.name) from exc
 
     def _scan_odd(self, odd_tops: set[bytes], manifest: Manifest) -> None:
         """Read the entries below names the per-name API cannot carry from one tar of the root that
