@@ -22,6 +22,7 @@ import pytest
 from vmshare_libvirt.engine.sparse import ALL_HOLES_MIN
 from vmshare_libvirt.engine.tarstream import ContentSource, Spool, copy_in
 from vmshare_libvirt.guest import listing
+from vmshare_libvirt.guest.extents import debugfs_commands, parse_debugfs
 from vmshare_libvirt.guest.manifest import FilesystemReader
 from vmshare_libvirt.guest.session import GuestSession
 from vmshare_libvirt.guest.writer import DiskWriter
@@ -98,7 +99,8 @@ def appliance(tmp_path_factory):
 # Every kind of entry and metadata a listing must carry, made with the appliance's own tools: ACLs,
 # attributes of every namespace (on a symlink too, an empty value, "=" and "\\" in names), device
 # nodes, a fifo, set-id and sticky bits, times before 1970 and with nanoseconds, hard links, a
-# symlink target that is not UTF-8, odd names, a directory of more names than one API call takes.
+# symlink target that is not UTF-8, odd names, a directory of more names than one API call takes;
+# files with unwritten (fallocated) extents and one with a deeper extent tree (61 extents).
 METADATA_SCRIPT = r"""
 set -e
 cd "$1"
@@ -117,6 +119,8 @@ chmod 4755 d/e; chmod 1777 d; chmod 2711 big
 ln d/e d/hard; ln d/e "$(printf 'd/lat\351-hard')"
 for i in $(seq 1 1000); do : > big/f$i; done
 setfattr -n user.root -v r .
+: > d/empty; fallocate -l 1M d/falloc; fallocate -l 1M d/mixed; dd if=/dev/zero of=d/mixed bs=4096 seek=64 count=2 conv=notrunc
+for i in $(seq 0 2 120); do dd if=/dev/zero of=d/frag bs=4096 seek=$i count=1 conv=notrunc 2>/dev/null; done
 """
 
 
@@ -305,3 +309,28 @@ def test_a_listing_the_tools_cannot_give_is_read_through_the_api(appliance, monk
     finally:
         reader.unmount()
     assert len(manifest.entries) > 1000 and manifest.entries[b"d/c"].rdev == os.makedev(4, 5)
+
+
+def test_extent_maps_from_the_inode_tables_equal_debugfs(appliance):
+    """The extent maps decoded from the raw inode tables are debugfs's, file by file; a file whose tree
+    has an index level is left to debugfs and still gets its map."""
+    session = appliance[0]
+    reader = FilesystemReader(session, session.metadata_dev, name="meta")
+    try:
+        manifest = reader.scan()
+        inodes = sorted({e.ino for e in manifest if e.kind == "f" and e.ino > 0})
+        from_tables = reader._extents_from_tables(inodes)
+        script = debugfs_commands(inodes)
+        by_debugfs = parse_debugfs(session.g.debug("sh", [f"debugfs -c -f - {reader.fsdev} 2>&1 <<'EOF'\n{script}EOF\ntrue"]))
+        combined = reader.extents(inodes)
+    finally:
+        reader.unmount()
+    ino = {p: manifest.entries[p].ino for p in (b"d/empty", b"d/falloc", b"d/mixed", b"d/frag", b"d/e")}
+    assert from_tables[ino[b"d/frag"]] is None and len(by_debugfs[ino[b"d/frag"]]) == 61
+    decoded = {i: x for i, x in from_tables.items() if x is not None}
+    assert len(decoded) == len(inodes) - 1
+    assert {i: by_debugfs[i] for i in decoded} == decoded
+    assert combined == by_debugfs
+    assert decoded[ino[b"d/empty"]] == ()
+    assert [f for *_, f in decoded[ino[b"d/falloc"]]] == ["Uninit"]
+    assert sorted(f for *_, f in decoded[ino[b"d/mixed"]]) == ["", "Uninit", "Uninit"]
