@@ -72,6 +72,10 @@ SCHEMA: dict[str, Any] = {
         # group name -> guest paths (files, or directories with everything under them); each member
         # gets the immutable attribute on them whenever vmshare rebuilds it (ext2/3/4).
         "groups": (dict, {}),
+        # What the libvirt hook does when a member starts whose last 'vmshare drift --locked' found
+        # changes on its locked paths: "report" (log it and let it start) or "refuse" (the start fails
+        # with the reason).
+        "on_drift": (str, "report"),
     },
     # Bounds on what a guest may make the host spend.
     "limits": {
@@ -173,9 +177,13 @@ class PatchSettings:
     shutdown_timeout_s: int = 120
 
 
+DRIFT_POLICIES = ("report", "refuse")
+
+
 @dataclass(frozen=True)
 class LockdownSettings:
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    on_drift: str = "report"  # one of DRIFT_POLICIES
 
     def paths(self, group: str) -> tuple[str, ...]:
         """The locked guest paths of ``group`` (normalised, absolute); () when it has none."""
@@ -420,6 +428,9 @@ def _check_values(values: dict[str, Any], problems: _Problems) -> None:
     """What the schema's types and ranges do not say: paths, the pool name prefix, locked paths."""
     _check_paths(values, problems)
     values["lockdown"]["groups"] = _locked_paths(values["lockdown"]["groups"], problems)
+    if values["lockdown"]["on_drift"] not in DRIFT_POLICIES:
+        problems.add("lockdown.on_drift", f"expected one of {', '.join(DRIFT_POLICIES)}, "
+                                          f"got {values['lockdown']['on_drift']!r}")
     prefix = values["storage_pool"]["name"]
     if not _POOL_PREFIX.fullmatch(prefix):
         problems.add("storage_pool.name", f"expected 1 to 40 letters, digits, '.', '_' or '-' "
@@ -461,7 +472,7 @@ def parse(text: str, source: Path | None = None) -> Config:
         watch=WatchSettings(**values["watch"]),
         storage_pool=StoragePoolSettings(**values["storage_pool"]),
         patch=PatchSettings(**values["patch"]),
-        lockdown=LockdownSettings(values["lockdown"]["groups"]),
+        lockdown=LockdownSettings(values["lockdown"]["groups"], values["lockdown"]["on_drift"]),
         source=source,
     )
 

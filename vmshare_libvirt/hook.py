@@ -9,7 +9,9 @@ vmshare_libvirt.hook``.  What this module does:
   domain's disks is mid-operation (busy in stage ``switching``, or
   ``building`` for an operation that cannot be cancelled), or when the base
   generation under one of its overlays is missing, unreadable or fails its
-  quick fingerprint.  An enrollment still ``building`` is asked to cancel
+  quick fingerprint, or when the last ``vmshare drift --locked`` found changes
+  on its locked paths and recorded the policy ``refuse`` (``report``: logged
+  to syslog, the start goes on).  An enrollment still ``building`` is asked to cancel
   instead and the start goes on.
 - ``release end``: record that the domain stopped (jobs wait for it).
 - everything else, ``reconnect`` included: exit 0 at once.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+import time
 
 from . import fingerprint, statedb
 from .errors import StoreError
@@ -138,6 +141,14 @@ def check_prepare(store_dir: str | os.PathLike[str], domain: str, xml: str) -> s
                 where = f"base generation {gen_id}" + (f" ({base})" if base else "")
                 return (f"domain {domain}: disk {disk}: {where}: {reason};"
                         " the guest would see a broken disk, run 'vmshare status'")
+        for disk, group, entries, first, policy, at in statedb.locked_drift(conn, None if disks else domain, disks):
+            found = (f"domain {domain}: disk {disk}: {entries} entr{'y' if entries == 1 else 'ies'} under the locked "
+                     f"paths of group {group} differ from its base (first {first}; 'vmshare drift {group} --locked' "
+                     f"at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))})")
+            if policy == "refuse":
+                return (f"{found}; lockdown.on_drift is 'refuse': put them back (e.g. 'vmshare patch MANIFEST "
+                        f"{domain}'), or set it to 'report', then run 'vmshare drift {group} --locked' again")
+            _log(f"{found}; started anyway (lockdown.on_drift: report)")
     finally:
         conn.close()
     return None

@@ -20,7 +20,7 @@ from .errors import StoreError
 
 DB_NAME = "state.db"
 LOCK_NAME = "lock"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Operation kinds whose busy disks the hook may cancel while still in the
 # ``building`` stage (the original is untouched until ``switching``).  A
@@ -168,6 +168,21 @@ CREATE TABLE IF NOT EXISTS drift_samples (
     bytes INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS drift_samples_member ON drift_samples(group_name, domain, at);
+"""),
+    # What the last 'vmshare drift --locked' found on each member's locked paths, with the policy
+    # (lockdown.on_drift) in force then: the libvirt hook reads it when the member starts.  A member
+    # found without such changes has no row.
+    (5, """
+CREATE TABLE IF NOT EXISTS locked_drift (
+    disk_path TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    generation_id INTEGER,
+    entries INTEGER NOT NULL,
+    first_path TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """),
 )
 
@@ -322,6 +337,25 @@ def member_bases(conn: sqlite3.Connection, domain: str | None, disk_paths=()) ->
         f" WHERE {' OR '.join(clauses)} ORDER BY m.disk_path",
         args,
     ).fetchall()
+
+
+def locked_drift(conn: sqlite3.Connection, domain: str | None, disk_paths=()) -> list[tuple]:
+    """Rows ``(disk_path, group_name, entries, first_path, policy, at)`` of the recorded locked-path changes of the
+    disks ``disk_paths`` (or, without them, of ``domain``); none in a store older than schema 5."""
+    disk_paths = tuple(disk_paths)
+    if disk_paths:
+        where, args = f"disk_path IN ({_placeholders(disk_paths)})", list(disk_paths)
+    elif domain is not None:
+        where, args = "domain = ?", [domain]
+    else:
+        return []
+    try:
+        return conn.execute("SELECT disk_path, group_name, entries, first_path, policy, at FROM locked_drift"
+                            f" WHERE {where} ORDER BY disk_path", args).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
 
 
 def generation_at(conn: sqlite3.Connection, path: str) -> tuple | None:

@@ -517,6 +517,51 @@ def test_drift_locked_reports_a_locked_file_changed_outside_vmshare(bootgrp):
     got = {m["domain"]: m["changes"] for m in json.loads(r.stdout)["members"]}
     assert got[ns.name["b"]]["content"] == [LOCKED_DIR.lstrip("/") + "/app.conf"], got
     assert not any(got[ns.name["a"]].values()), got
+    _the_hook_applies_the_recorded_drift_policy(ns)
+
+
+def _the_hook_applies_the_recorded_drift_policy(ns) -> None:
+    """What `drift --locked` found is recorded with lockdown.on_drift: the hook, given the member's real
+    domain XML and the real store, refuses b's start under "refuse", lets it start under "report" (the
+    default), and lets a (no drift) start either way."""
+    from vmshare_libvirt import hook
+
+    refusing = ns.store.config.with_name(ns.store.config.stem + "-refuse.yaml")
+    refusing.write_text(ns.store.config.read_text() + "  on_drift: refuse\n")  # lockdown is the last block
+    xml = {k: ch.run(["virsh", "dumpxml", ns.name[k]]).stdout for k in ("a", "b")}
+    r = ns.store.vmshare("drift", "patchboot", "--locked", VMSHARE_CONFIG=str(refusing))
+    assert r.returncode == 3, r.stdout + r.stderr
+    refusal = hook.check_prepare(ns.store.dir, ns.name["b"], xml["b"])
+    assert refusal is not None and f"{LOCKED_DIR}/app.conf (content)" in refusal, refusal
+    assert "lockdown.on_drift is 'refuse'" in refusal and "vmshare drift patchboot --locked" in refusal
+    assert hook.check_prepare(ns.store.dir, ns.name["a"], xml["a"]) is None
+    r = ns.store.vmshare("drift", "patchboot", "--locked")
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert hook.check_prepare(ns.store.dir, ns.name["b"], xml["b"]) is None
+    # the watcher checks a member's locked paths when it stops: its job records what it finds, with the
+    # policy of the configuration it runs with
+    import libvirt
+
+    from vmshare_libvirt import config
+    from vmshare_libvirt.store import Store
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+
+    done = DoneLog()
+    conn = libvirt.open("qemu:///system")
+    try:
+        with Store.open(ns.store.dir) as store:
+            enroller = Enroller(config.load(refusing), store, done)
+            enroller.stopped(ns.name["b"])
+            enroller.run_due_jobs(conn)
+            assert store.jobs(state="queued") == []
+    finally:
+        conn.close()
+    assert [(d.domain, d.what) for d in done.entries] == [(ns.name["b"], "lock-checked")], done.entries
+    assert done.entries[0].detail.startswith("1 entry under the locked paths differ from the base, first "
+                                             f"{LOCKED_DIR}/app.conf (content)")
+    assert "lockdown.on_drift is 'refuse'" in (hook.check_prepare(ns.store.dir, ns.name["b"], xml["b"]) or "")
+    refusing.unlink()
 
 
 #: Every step of a group patch (method 400) and of a member's own patch (method 300), each killed once:

@@ -114,3 +114,71 @@ def test_a_manual_enroll_of_a_member_ends_its_stale_jobs_and_status_stops_showin
     with Store.open(tmp_path / "store") as s:
         assert s.get_job(job).state == "done"
         assert s.get_job(job).error == "nothing to do: test is already a member of group g"
+
+
+def _locked_config(tmp_path, policy: str = "refuse"):
+    from vmshare_libvirt import config
+
+    return config.parse(f"store_dir: {tmp_path / 'store'}\nlockdown:\n  groups:\n    g: [/usr/bin]\n"
+                        f"  on_drift: {policy}\n")
+
+
+def test_a_stopped_member_of_a_locked_group_gets_one_lock_check_job(store, tmp_path):
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+
+    member(store, "web1")
+    enroller = Enroller(_locked_config(tmp_path), store, DoneLog())
+    enroller.stopped("web1")
+    enroller.stopped("web1")  # a second stop before the check ran: still one check
+    enroller.stopped("web9")  # not a member
+    jobs = store.jobs(state="queued")
+    assert [(j.kind, j.domain, j.params, j.wait_for) for j in jobs] == [("lock-check", "web1", {"group": "g"}, None)]
+
+
+def test_no_lock_check_for_a_group_without_locked_paths(store, tmp_path):
+    from vmshare_libvirt import config
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+
+    member(store, "web1")
+    Enroller(config.parse(f"store_dir: {tmp_path / 'store'}\n"), store, DoneLog()).stopped("web1")
+    assert store.jobs(state="queued") == []
+
+
+def test_the_lock_check_job_records_what_the_drift_of_the_locked_paths_found(store, tmp_path, monkeypatch):
+    """The job runs the drift engine on that member's locked paths with the configured policy (the engine
+    itself is exercised against real guests in tests/integration/test_patch.py)."""
+    import libvirt
+
+    from vmshare_libvirt.engine import drift as driftmod
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+
+    member(store, "test")  # the test driver's running domain, here taken as stopped
+    calls = []
+
+    def fake_drift(cfg, conn, st, group, paths, progress=None, locked_policy=None, only=None):
+        calls.append((group, paths, locked_policy, only))
+        md = driftmod.MemberDrift("test", 1)
+        md.changes["content"] = ["usr/bin/ls"]
+        st.record_locked_drift("/images/test.qcow2", "test", group, 1, md.total, driftmod.first_change(md),
+                               locked_policy)
+        return driftmod.DriftReport(group, paths, [md])
+
+    monkeypatch.setattr(driftmod, "drift", fake_drift)
+    done = DoneLog()
+    enroller = Enroller(_locked_config(tmp_path), store, done)
+    enroller.stopped("test")
+    conn = libvirt.open(TEST_URI)
+    try:
+        enroller.run_due_jobs(conn)
+    finally:
+        conn.close()
+    assert calls == [("g", ["/usr/bin"], "refuse", ["test"])]
+    assert [(d.domain, d.what) for d in done.entries] == [("test", "lock-checked")]
+    assert done.entries[0].detail == ("1 entry under the locked paths differ from the base, first /usr/bin/ls "
+                                      "(content) (lockdown.on_drift: refuse)")
+    assert store.locked_drift("g") == {"/images/test.qcow2": (1, "/usr/bin/ls (content)", "refuse",
+                                                             store.locked_drift("g")["/images/test.qcow2"][3])}
+    assert store.jobs(state="queued") == []

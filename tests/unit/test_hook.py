@@ -228,6 +228,52 @@ def test_other_domains_start_while_one_is_busy(host):
     assert host.run("db1", "prepare", "begin", stdin=host.xml("db1", other)) == (0, "")
 
 
+@pytest.mark.parametrize("policy", ["report", "refuse"])
+def test_locked_drift_is_refused_or_reported_as_the_recorded_policy_says(host, policy, monkeypatch):
+    logged = []
+    monkeypatch.setattr(hook, "_log", logged.append)
+    with host.store() as store:
+        store.record_locked_drift(host.disk, "web1", "debian12", host.gen_id, 2, "/usr/bin/ls (content)", policy)
+    rc, err = host.run("web1", "prepare", "begin")
+    found = (f"domain web1: disk {host.disk}: 2 entries under the locked paths of group debian12 differ from its "
+             "base (first /usr/bin/ls (content); 'vmshare drift debian12 --locked' at ")
+    if policy == "refuse":
+        assert rc == 1 and err.startswith("vmshare: " + found) and err.count("\n") == 1
+        assert err.endswith("lockdown.on_drift is 'refuse': put them back (e.g. 'vmshare patch MANIFEST web1'), "
+                            "or set it to 'report', then run 'vmshare drift debian12 --locked' again\n")
+        assert logged == [err[len("vmshare: "):-1]]  # a refusal goes to syslog too
+    else:
+        assert (rc, err) == (0, "")
+        assert len(logged) == 1 and logged[0].startswith(found)
+        assert logged[0].endswith("; started anyway (lockdown.on_drift: report)")
+
+
+def test_a_check_that_finds_no_locked_drift_clears_the_record(host):
+    with host.store() as store:
+        store.record_locked_drift(host.disk, "web1", "debian12", host.gen_id, 1, "/etc/ssh/sshd_config (metadata)",
+                                  "refuse")
+        assert set(store.locked_drift("debian12")) == {host.disk}
+        store.record_locked_drift(host.disk, "web1", "debian12", host.gen_id, 0, "", "refuse")
+        assert store.locked_drift("debian12") == {}
+    assert host.run("web1", "prepare", "begin") == (0, "")
+
+
+def test_locked_drift_of_another_disk_does_not_block_the_start(host):
+    other = str(host.images / "db1.qcow2")
+    with host.store() as store:
+        store.record_locked_drift(other, "db1", "debian12", host.gen_id, 1, "/usr/bin/ls (content)", "refuse")
+    assert host.run("web1", "prepare", "begin") == (0, "")
+
+
+def test_a_schema_4_store_has_no_locked_drift_to_read(host):
+    import sqlite3
+
+    raw = sqlite3.connect(host.store_dir / "state.db")
+    raw.executescript("DROP TABLE locked_drift; UPDATE schema_version SET version = 4;")
+    raw.close()
+    assert host.run("web1", "prepare", "begin") == (0, "")
+
+
 def test_prepare_refuses_when_the_base_is_missing(host):
     host.base.unlink()
     rc, err = host.run("web1", "prepare", "begin")

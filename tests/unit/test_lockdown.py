@@ -54,6 +54,11 @@ def test_config_normalises_the_paths_of_each_group():
     assert config.parse("").lockdown.paths("web") == ()
 
 
+def test_the_drift_policy_is_report_unless_refuse_is_asked_for():
+    assert config.parse("").lockdown.on_drift == "report"
+    assert config.parse("lockdown:\n  on_drift: refuse\n").lockdown.on_drift == "refuse"
+
+
 @pytest.mark.parametrize("text,problem", [
     ("lockdown:\n  groups:\n    web: [usr/bin]\n", "lockdown.groups.web[0]: must be an absolute guest path"),
     ("lockdown:\n  groups:\n    web: [/usr/../etc]\n", "lockdown.groups.web[0]: must not contain '..'"),
@@ -61,6 +66,7 @@ def test_config_normalises_the_paths_of_each_group():
     ("lockdown:\n  groups:\n    web: /usr/bin\n", "lockdown.groups.web: expected a list of guest paths, got str"),
     ("lockdown:\n  groups: [/usr/bin]\n", "lockdown.groups: expected dict, got list"),
     ("lockdown:\n  colour: blue\n", "lockdown.colour: unknown key"),
+    ("lockdown:\n  on_drift: block\n", "lockdown.on_drift: expected one of report, refuse, got 'block'"),
 ])
 def test_config_mistakes_name_the_key_path(text, problem):
     with pytest.raises(ConfigError) as exc:

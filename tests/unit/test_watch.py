@@ -574,7 +574,7 @@ def test_a_version_2_store_gets_the_opt_out_table(tmp_path):
         rw.opt_out("web1", None, "rolled back")
         assert rw.opted_out("web1").reason == "rolled back"
     raw = sqlite3.connect(directory / "state.db")
-    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(statedb.SCHEMA_VERSION,)] == [(4,)]
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(statedb.SCHEMA_VERSION,)] == [(5,)]
     raw.close()
 
 

@@ -16,7 +16,9 @@ def register(sub) -> None:
                     "content changed, only metadata changed, added, deleted.  Only files that can differ are "
                     "read (those in clusters the member's overlay holds); nothing is written.  --path limits the "
                     "report to entries at or under guest paths (e.g. the core paths that should stay "
-                    "identical); --locked to the group's locked paths.  Exit status 0 when no member drifted, 3 when one did.")
+                    "identical); --locked to the group's locked paths, and what it finds is recorded for the libvirt hook, which "
+                    "applies lockdown.on_drift (report or refuse) when such a member starts.  Exit status 0 when no "
+                    "member drifted, 3 when one did.")
     p.add_argument("group", metavar="GROUP")
     p.add_argument("--path", action="append", default=[], metavar="GUEST_PATH",
                    help="only entries at or under this absolute guest path (repeatable)")
@@ -42,7 +44,9 @@ def run(args, ctx) -> int:
                 raise TargetError("the group has no locked paths", target=args.group,
                                   hint=f"name them under lockdown.groups.{args.group} in {s.cfg.source or 'the configuration'}")
             paths += [p for p in locked if p not in paths]
-        report = drift(s.cfg, s.conn, s.store, args.group, paths, progress=ctx.progress)
+        # a check of exactly the locked paths is recorded for the libvirt hook (lockdown.on_drift)
+        policy = s.cfg.lockdown.on_drift if args.locked and not args.path else None
+        report = drift(s.cfg, s.conn, s.store, args.group, paths, progress=ctx.progress, locked_policy=policy)
     drifted = any(m.total for m in report.members)
     if args.json:
         ctx.emit_json(report.to_json())

@@ -55,6 +55,15 @@ class DriftReport:
                              "files_proven": m.files_proven, "changes": m.changes} for m in self.members]}
 
 
+def first_change(md: MemberDrift) -> str:
+    """The first changed entry of a member as "/path (kind)", "" when none."""
+    for kind in KINDS:
+        if md.changes[kind]:
+            path = md.changes[kind][0]
+            return f"{path if path.startswith('partition ') else '/' + path} ({kind})"
+    return ""
+
+
 def under(path: bytes, roots: list[bytes]) -> bool:
     """Whether guest path ``path`` (relative, no leading slash) is one of ``roots`` or below one."""
     return not roots or any(r == b"" or path == r or path.startswith(r + b"/") for r in roots)
@@ -82,11 +91,14 @@ def compare(base: Manifest, view: Manifest, roots: list[bytes]) -> tuple[dict[st
 
 
 def drift(cfg: Config, conn, store, group: str, paths: list[str] | None = None,
-          progress: Callable[[str], None] | None = None) -> DriftReport:
-    """The drift of every offline member of ``group`` (see the module doc)."""
+          progress: Callable[[str], None] | None = None, locked_policy: str | None = None,
+          only: list[str] | None = None) -> DriftReport:
+    """The drift of every offline member of ``group`` (see the module doc); ``only``: of those domains.
+    ``locked_policy``: ``paths`` are the group's locked paths, and what each member read shows there is
+    recorded with that policy (``lockdown.on_drift``) for the libvirt hook."""
     progress = progress or (lambda _t: None)
     started = time.monotonic()
-    records = group_members(store, group)
+    records = [m for m in group_members(store, group) if only is None or m.domain in only]
     roots = [p.strip("/").encode("utf-8", "surrogateescape") for p in (paths or [])]
     report = DriftReport(group, list(paths or []))
     selected = []
@@ -104,6 +116,12 @@ def drift(cfg: Config, conn, store, group: str, paths: list[str] | None = None,
         for md in report.members:
             if md.read:
                 store.add_drift_sample(group, md.domain, md.generation, "drift", md.total, md.bytes)
+    if locked_policy is not None:
+        disks = {m.domain: m.disk_path for m in records}
+        for md in report.members:
+            if md.read:
+                store.record_locked_drift(disks[md.domain], md.domain, group, md.generation, md.total,
+                                          first_change(md), locked_policy)
     report.seconds = time.monotonic() - started
     return report
 

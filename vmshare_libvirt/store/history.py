@@ -77,3 +77,25 @@ class HistoryMixin(StoreBase):
         if domain is not None:
             sql, args = sql + " AND domain = ?", args + [domain]
         return [DriftSample(*r) for r in self._rows(sql + " ORDER BY at, id", args)]
+
+    # ---- locked-path drift --------------------------------------------------
+
+    def record_locked_drift(self, disk_path: str, domain: str, group_name: str, generation_id: int | None,
+                            entries: int, first_path: str, policy: str) -> None:
+        """What a check of ``disk_path``'s locked paths found: ``entries`` changed (none: the record goes)."""
+        with self._write() as conn:
+            if entries:
+                conn.execute("INSERT OR REPLACE INTO locked_drift (disk_path, domain, group_name, generation_id,"
+                             " entries, first_path, policy, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                             (str(disk_path), domain, group_name, generation_id, entries, first_path, policy,
+                              time.time()))
+            else:
+                conn.execute("DELETE FROM locked_drift WHERE disk_path = ?", (str(disk_path),))
+
+    def locked_drift(self, group_name: str) -> dict[str, tuple[int, str, str, float]]:
+        """Disk -> (entries, first path, policy, time) of the members of ``group_name`` whose last check
+        found changes on their locked paths."""
+        if self._rows("SELECT version FROM schema_version")[0][0] < 5:
+            return {}
+        return {r[0]: tuple(r[1:]) for r in self._rows(
+            "SELECT disk_path, entries, first_path, policy, at FROM locked_drift WHERE group_name = ?", [group_name])}

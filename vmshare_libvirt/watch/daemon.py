@@ -204,6 +204,7 @@ class Watcher:
         elif action is Action.STOPPED:
             if any(job.wait_for for job in self.store.jobs(state=JOB_QUEUED, domain=name)):
                 self.store.record_stop(name)
+            self.enroller.stopped(name)
             self.enroller.run_due_jobs(self.conn)
         elif action is Action.UNDEFINED:
             self.reconciler.forget(name)

@@ -34,8 +34,8 @@ from ..engine.enroll import enroll as engine_enroll
 from ..errors import BusyError, VmshareError
 from ..libvirt_conn import find, libvirt_errors
 from ..store.queue import enroll_target
-from ..store.records import (JOB_DONE, JOB_ENROLL, JOB_FAILED, JOB_KINDS, JOB_PATCH, JOB_QUEUED, WAIT_DOMAIN_STOPPED,
-                             Job)
+from ..store.records import (JOB_DONE, JOB_ENROLL, JOB_FAILED, JOB_KINDS, JOB_LOCK_CHECK, JOB_PATCH, JOB_QUEUED,
+                             WAIT_DOMAIN_STOPPED, Job)
 from .outcome import BUSY, FAILED, QUEUED, SKIPPED, Done, DoneLog
 from .policy import policy_refusal
 
@@ -46,6 +46,7 @@ EnrollFn = Callable[..., EnrollOutcome]
 
 _GONE = "the domain is no longer defined"
 PATCHED_DONE = "patched"
+LOCK_CHECKED = "lock-checked"
 
 #: Why a domain may be enrolled automatically (said in the log and in what the watcher did).
 WHY_NEW = "defined after the watcher started"
@@ -210,6 +211,8 @@ class Enroller:
         try:
             if job.kind == JOB_PATCH:
                 attempt = self._patch(conn, name, job)
+            elif job.kind == JOB_LOCK_CHECK:
+                attempt = self._lock_check(conn, name, job)
             else:
                 attempt = self._enroll(conn, name, job.params.get("group"), job.id, job.params.get("why"))
         except Exception as exc:  # noqa: BLE001 - a bug in one job must not wedge the queue
@@ -284,6 +287,42 @@ class Enroller:
         what = PATCHED_DONE if res.result == PATCHED else FAILED
         detail = f"patch {manifest.name}: {res.result}" + (f": {res.detail}" if res.detail else "")
         return _Attempt(self.done.note(Done(name, what, detail, job.id)), detail)
+
+    def stopped(self, name: str) -> None:
+        """``name`` stopped: when it is a member of a group with locked paths, queue the check of those
+        paths (what it finds is what the libvirt hook acts on at the next start)."""
+        member = next(iter(self.store.members(domain=name)), None)
+        if member is None or not self.cfg.lockdown.paths(member.group_name):
+            return
+        if not any(job.kind == JOB_LOCK_CHECK for job in self.store.jobs(state=JOB_QUEUED, domain=name)):
+            self.store.enqueue(JOB_LOCK_CHECK, name, {"group": member.group_name})
+
+    def _lock_check(self, conn: Any, name: str, job: Job) -> _Attempt:
+        """Read the locked paths of member ``name`` (offline now) and record what differs from its base."""
+        from ..engine.drift import drift, first_change
+
+        member = next(iter(self.store.members(domain=name)), None)
+        paths = self.cfg.lockdown.paths(member.group_name) if member is not None else ()
+        if not paths:
+            reason = "not a member of a group with locked paths any more"
+            return _Attempt(self.done.note(Done(name, SKIPPED, reason, job.id)), reason)
+        try:
+            with self.store.lock(wait=False, kind="drift"):
+                report = drift(self.cfg, conn, self.store, member.group_name, list(paths), progress=_progress(name),
+                               locked_policy=self.cfg.lockdown.on_drift, only=[name])
+        except BusyError as exc:
+            detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
+            return _Attempt(self.done.note(Done(name, BUSY, detail, job.id)), exc.message)
+        except VmshareError as exc:
+            return _Attempt(self.done.note(Done(name, FAILED, str(exc), job.id), logging.WARNING), str(exc))
+        md = report.members[0]
+        if not md.read:
+            return _Attempt(self.done.note(Done(name, SKIPPED, md.detail, job.id)), md.detail)
+        detail = (f"{md.total} entr{'y' if md.total == 1 else 'ies'} under the locked paths differ from the base, first {first_change(md)} "
+                  f"(lockdown.on_drift: {self.cfg.lockdown.on_drift})" if md.total
+                  else "the locked paths equal the base")
+        return _Attempt(self.done.note(Done(name, LOCK_CHECKED, detail, job.id),
+                                       logging.WARNING if md.total else logging.INFO), detail)
 
     def _requeue_if_started(self, conn: Any, name: str, why: str | None = None) -> None:
         """The engine failed on a domain that is running now (a start cancelled it): try after its stop."""
