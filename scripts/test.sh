@@ -21,7 +21,8 @@ cd "$REPO"
 I=tests/integration
 FILES_NO_LIBVIRTD=(tests/unit "$I/test_qemu_img.py" "$I/test_qcow2_dedup.py" "$I/test_guest_writer_contract.py"
     "$I/test_sparse_and_odd.py" "$I/test_verification.py" "$I/test_session_launch.py"
-    "$I/test_members_gc_chains.py" "$I/test_switch.py" "$I/test_domain_states.py" "$I/test_rpm_package.py")
+    "$I/test_members_gc_chains.py" "$I/test_switch.py" "$I/test_domain_states.py" "$I/test_rpm_package.py"
+    "$I/test_reclaim_estimate.py")
 FILES_A=("$I/test_libvirt_hook.py" "$I/test_watch_daemon.py" "$I/test_debian_package.py"
     "$I/test_patch.py" "$I/test_layouts.py" "$I/test_members_gc.py" "$I/test_doctor_pools.py")
 FILES_B=("$I/test_consolidate.py" "$I/test_inspect_plan.py" "$I/test_testbed.py" "$I/test_hibernation_disks.py"

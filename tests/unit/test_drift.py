@@ -23,3 +23,16 @@ def test_paths_limit_the_report_to_what_is_under_them():
     base = Manifest({e.path: e for e in [f(b"etc/a"), f(b"usr/b")]})
     view = Manifest({e.path: e for e in [f(b"etc/a", "y"), f(b"usr/b", "y")]})
     assert compare(base, view, [b"etc"])[0]["content"] == [b"etc/a"]
+
+
+def test_common_blocks_count_contents_every_member_holds_by_their_fewest_copies():
+    from collections import Counter
+
+    from vmshare_libvirt.engine.reclaim import common_blocks
+
+    a = Counter({b"x": 3, b"y": 1, b"z": 2})
+    b = Counter({b"x": 2, b"z": 5})
+    c = Counter({b"x": 4, b"y": 1, b"z": 1})
+    # x: at least 2 copies in each -> 2 x 2 spared; z: 1 x 2; y is missing from b
+    assert common_blocks([a, b, c]) == (2, 6)
+    assert common_blocks([a]) == (0, 0) and common_blocks([]) == (0, 0)

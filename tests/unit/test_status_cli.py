@@ -222,3 +222,32 @@ def test_a_generation_stored_as_changes_to_another_says_so(host):
     _, out, _ = host.run()
     assert "used by nobody (kept overlays of web1); gen 2 stored on it\n" in out
     assert "used by web1, web2; its changes to gen 1\n" in out
+
+
+@pytest.mark.requires("qemu-io")
+def test_reclaim_estimates_what_every_members_overlay_holds_alike(host):
+    """--reclaim hashes the members' overlays on the host: 8 KiB both hold alike (at different offsets)
+    would be stored once, in a new base."""
+    for disk, offset in ((host.disk["web1"], "0"), (host.disk["web2"], "1M")):
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a {offset} 8k", str(disk)], check=True,
+                       capture_output=True)
+    rc, out, err = host.run("--reclaim", "--json")
+    assert rc == 0, err
+    est = json.loads(out)["groups"][0]["reclaim_estimate"]
+    assert (est["bytes"], est["blocks"], est["members_read"], est["members_unread"]) == (8192, 1, 2, 0)
+    rc, out, err = host.run("--reclaim")
+    assert rc == 0, err
+    assert ("  a resync would reclaim about 8.0 KiB: 1 block contents held by every member's overlay (2 overlays"
+            in out), out
+    assert "reclaim_estimate" not in host.json()["groups"][0]  # only when asked: it reads every overlay
+
+
+def test_a_members_recorded_locked_drift_is_shown_with_what_the_hook_does(host):
+    with Store.open(host.store_dir) as store:
+        store.record_locked_drift(str(host.disk["web2"]), "web2", "g", 2, 3, "/usr/bin/ls (content)", "refuse")
+    data = host.json()
+    drift = {m["domain"]: m["locked_drift"] for m in data["groups"][0]["members"]}
+    assert drift["web1"] is None and drift["web2"]["entries"] == 3 and drift["web2"]["policy"] == "refuse"
+    rc, out, _ = host.run()
+    assert "    locked paths: 3 changed (first /usr/bin/ls (content)), checked " in out
+    assert "; the hook refuses its start (lockdown.on_drift: refuse)\n" in out

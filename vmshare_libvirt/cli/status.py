@@ -28,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--history", action="store_true",
                    help="also each member's drift over time: entries and bytes of its own at every "
                         "'vmshare drift' and 'vmshare resync' that read it")
+    p.add_argument("--reclaim", action="store_true",
+                   help="also estimate, per group, what 'vmshare resync' would reclaim now: the 4 KiB blocks "
+                        "every member's overlay holds with the same content (hashed on the host, no appliance; "
+                        "'vmshare resync GROUP --dry-run' gives the exact figure)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
@@ -97,6 +101,7 @@ def collect(store, group: str | None, conn=None) -> dict:
                      "base_of": sorted(i for i, b in below.items() if b == g.id)}
                     for g in gens]
         mem_json = []
+        locked = store.locked_drift(grp.name)
         for m in members:
             kept = kept_of[m.disk_path]
             chain, source = _chain(m.disk_path, paths.get(m.generation_id), generation_of)
@@ -113,7 +118,8 @@ def collect(store, group: str | None, conn=None) -> dict:
                 "commit_frees_bytes": commit[m.disk_path].freed_bytes,
                 "kept_overlays": [{"path": k.path, "generation": k.generation_id, "allocated_bytes": allocated(k.path)}
                                   for k in kept],
-                "kept_generations": sorted({k.generation_id for k in kept})})
+                "kept_generations": sorted({k.generation_id for k in kept}),
+                "locked_drift": _locked_json(locked.get(m.disk_path))})
         bases = sum(g["allocated_bytes"] for g in gen_json)
         overlays = sum(m["allocated_bytes"] for m in mem_json)
         now = bases + overlays
@@ -192,6 +198,8 @@ def run(args, ctx) -> int:
             if store.members():
                 conn = _connect(ctx, cfg)
             data = collect(store, args.group, conn)
+            if args.reclaim:
+                add_reclaim_estimates(store, data, ctx.progress)
             if args.history:
                 for g in data["groups"]:
                     g["drift_history"] = {m["domain"]: [
@@ -209,6 +217,25 @@ def run(args, ctx) -> int:
         return 0
     write_text(data, ctx.stdout)
     return 0
+
+
+def _locked_json(row) -> dict | None:
+    """What the last check of a member's locked paths found (None: no change found, or never checked)."""
+    if row is None:
+        return None
+    entries, first, policy, at = row
+    return {"entries": entries, "first": first, "policy": policy, "at": at}
+
+
+def add_reclaim_estimates(store, data: dict, progress) -> None:
+    """Each group's ``reclaim_estimate`` (see :mod:`..engine.reclaim`)."""
+    from ..engine.reclaim import estimate
+
+    for g in data["groups"]:
+        progress(f"hashing the overlays of group {g['name']}")
+        est = estimate([m.disk_path for m in store.members(group_name=g["name"])])
+        g["reclaim_estimate"] = {"bytes": est.bytes, "blocks": est.blocks, "overlay_bytes": est.overlay_bytes,
+                                 "members_read": est.members, "members_unread": est.unread}
 
 
 def _close(conn) -> None:
@@ -333,6 +360,17 @@ def _write_group(g: dict, out) -> None:
         for k in m["kept_overlays"]:
             out.write(f"    kept overlay {k['path']}\n      {hb(k['allocated_bytes'])}, on gen {k['generation']}"
                       f" ('vmshare rollback {m['domain']} --generation {k['generation']}')\n")
+        if m.get("locked_drift"):
+            d = m["locked_drift"]
+            verdict = "refuses its start" if d["policy"] == "refuse" else "logs its start"
+            out.write(f"    locked paths: {d['entries']} changed (first {d['first']}), checked {_when(d['at'])};"
+                      f" the hook {verdict} (lockdown.on_drift: {d['policy']})\n")
+    if "reclaim_estimate" in g:
+        r = g["reclaim_estimate"]
+        unread = f", {r['members_unread']} overlay(s) unreadable" if r["members_unread"] else ""
+        out.write(f"  a resync would reclaim about {hb(r['bytes'])}: {r['blocks']} block contents held by every"
+                  f" member's overlay ({r['members_read']} overlays, {hb(r['overlay_bytes'])} of data{unread};"
+                  f" 'vmshare resync {g['name']} --dry-run' gives the exact figure)\n")
     for p in g["patches"]:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(p["at"]))
         made = f", built gen {p['generation']}" if p["generation"] else ""
