@@ -67,6 +67,15 @@ SCHEMA: dict[str, Any] = {
         # --shutdown: how long to wait for a clean guest shutdown before giving up (or --force-off).
         "shutdown_timeout_s": (int, 120),
     },
+    # Resyncs the watcher starts by itself ('vmshare resync GROUP' for every group).  0 turns each off.
+    "resync": {
+        # Every group is resynced when its last resync (or its creation) is this many hours old.
+        "every_hours": (int, 0),
+        # A group is resynced when 'vmshare status --reclaim' estimates it would reclaim this many MiB.
+        "reclaim_threshold_mib": (int, 0),
+        # How often the watcher makes that estimate (it hashes the members' overlays on the host).
+        "check_minutes": (int, 60),
+    },
     # Lock-down: core paths guests must not modify, add to or delete from.
     "lockdown": {
         # group name -> guest paths (files, or directories with everything under them); each member
@@ -108,6 +117,9 @@ RANGES: dict[str, tuple[int, int]] = {
     "auto_enroll.min_saving_bytes": (0, 1 << 50),  # 1 PiB
     "patch.keep_overlays_days": (0, 3650),
     "patch.shutdown_timeout_s": (1, 86400),
+    "resync.every_hours": (0, 24 * 365),
+    "resync.reclaim_threshold_mib": (0, 1 << 30),
+    "resync.check_minutes": (1, 24 * 60),
     "limits.max_entries_per_filesystem": (1, 1_000_000_000),
     "watch.keepalive_interval_s": (1, 3600),
     "watch.keepalive_count": (1, 100),
@@ -177,6 +189,13 @@ class PatchSettings:
     shutdown_timeout_s: int = 120
 
 
+@dataclass(frozen=True)
+class ResyncSettings:
+    every_hours: int = 0  # 0: no scheduled resync
+    reclaim_threshold_mib: int = 0  # 0: no resync on the reclaim estimate
+    check_minutes: int = 60
+
+
 DRIFT_POLICIES = ("report", "refuse")
 
 
@@ -202,6 +221,7 @@ class Config:
     watch: WatchSettings = field(default_factory=WatchSettings)
     storage_pool: StoragePoolSettings = field(default_factory=StoragePoolSettings)
     patch: PatchSettings = field(default_factory=PatchSettings)
+    resync: ResyncSettings = field(default_factory=ResyncSettings)
     lockdown: LockdownSettings = field(default_factory=LockdownSettings)
     source: Path | None = None
 
@@ -472,6 +492,7 @@ def parse(text: str, source: Path | None = None) -> Config:
         watch=WatchSettings(**values["watch"]),
         storage_pool=StoragePoolSettings(**values["storage_pool"]),
         patch=PatchSettings(**values["patch"]),
+        resync=ResyncSettings(**values["resync"]),
         lockdown=LockdownSettings(values["lockdown"]["groups"], values["lockdown"]["on_drift"]),
         source=source,
     )

@@ -331,6 +331,9 @@ def test_resync_moves_a_change_every_member_made_into_the_base(grp, first):
     dry = grp.store.json("resync", GROUP, "--dry-run")
     assert dry["generation"] is None and dry["into_base_files"] >= 1
     assert {k: _sha(grp.disk[k]) for k in grp.disk} == before
+    # the host-side estimate sees the motd block both overlays hold alike
+    est = grp.store.json("status", GROUP, "--reclaim")["groups"][0]["reclaim_estimate"]
+    assert est["bytes"] >= 4096 and (est["members_read"], est["members_unread"]) == (2, 0), est
     done = grp.store.json("resync", GROUP)
     gen = done["generation"]
     assert gen is not None and done["into_base_files"] >= 1
@@ -344,6 +347,33 @@ def test_resync_moves_a_change_every_member_made_into_the_base(grp, first):
             assert (g.read_file("/etc/motd"), g.read_file("/etc/issue")) == views[key]
     # the old overlays were not kept (the views did not change): only earlier patches' are
     assert not list(grp.work.glob("*.vmshare-prev"))
+    _the_watcher_resyncs_on_its_schedule(grp)
+
+
+def _the_watcher_resyncs_on_its_schedule(grp) -> None:
+    """resync.every_hours: two hours after that resync the watcher queues one resync job for the group
+    (never two) and runs it through the engine; the base already holds the common files."""
+    import libvirt
+
+    from vmshare_libvirt import config
+    from vmshare_libvirt.config import ResyncSettings
+    from vmshare_libvirt.store import Store
+    from vmshare_libvirt.watch.jobs import Enroller
+    from vmshare_libvirt.watch.outcome import DoneLog
+    from vmshare_libvirt.watch.resyncs import ResyncTrigger
+
+    done = DoneLog()
+    conn = libvirt.open("qemu:///system")
+    try:
+        with Store.open(grp.store.dir) as store:
+            trigger = ResyncTrigger(ResyncSettings(every_hours=1), store, done, clock=lambda: time.time() + 7200)
+            assert len(trigger.tick()) == 1 and trigger.tick() == []
+            Enroller(config.load(grp.store.config), store, done).run_due_jobs(conn)
+            assert store.jobs(state="queued") == []
+    finally:
+        conn.close()
+    assert [(d.domain, d.what) for d in done.entries] == [(GROUP, "queued"), (GROUP, "resynced")], done.entries
+    assert done.entries[1].detail.startswith("the base already holds the common files: nothing to move (resync.")
 
 
 def test_drift_reads_only_what_a_member_changed_since_its_base(grp, first):

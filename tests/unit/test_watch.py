@@ -263,11 +263,11 @@ def test_job_outcomes(tmp_path, store):
     w = make(tmp_path, store, FakeConn(FakeDomain("web1")), engine)
     skipped = store.enqueue("enroll", "web1")
     gone = store.enqueue("enroll", "nosuch")
-    store.enqueue("resync", "web1")  # not a kind this watcher runs
+    store.enqueue("defrag", "web1")  # not a kind this watcher runs
     w.run_due_jobs()
     assert store.get_job(skipped).state == "done" and store.get_job(skipped).error == "skipped: no match"
     assert store.get_job(gone).state == "failed" and "no longer defined" in store.get_job(gone).error
-    assert [j.kind for j in store.jobs(state="queued")] == ["resync"]
+    assert [j.kind for j in store.jobs(state="queued")] == ["defrag"]
 
 
 def test_undefine_drops_member_and_inventory(tmp_path, store):

@@ -278,6 +278,9 @@ def write_text(data: dict, out) -> None:
 
 def _job_line(j: dict) -> str:
     """``pending: WHAT of DOMAIN (job N), WHEN``: the domain the job works on and what it waits for."""
+    if j["kind"] == "resync":
+        return (f"pending: resync of group {j['params'].get('group')} (job {j['id']}), "
+                f"when the watcher next runs the queue: {j['params'].get('why', '')}")
     what = f"patch {j['params'].get('name', '')}" if j["kind"] == "patch" else j["kind"]
     target = j.get("target") or j["domain"]
     waits_for = j.get("waits_for", j["domain"])

@@ -19,7 +19,8 @@ JOB_STATES = ("queued", "running", "done", "failed")
 JOB_ENROLL = "enroll"
 JOB_PATCH = "patch"
 JOB_LOCK_CHECK = "lock-check"  # a stopped member's locked paths read for the libvirt hook (lockdown.on_drift)
-JOB_KINDS = (JOB_ENROLL, JOB_PATCH, JOB_LOCK_CHECK)
+JOB_RESYNC = "resync"  # a group's resync the watcher started by itself (resync.every_hours, reclaim threshold)
+JOB_KINDS = (JOB_ENROLL, JOB_PATCH, JOB_LOCK_CHECK, JOB_RESYNC)
 WAIT_FOR = (None, "domain-stopped")
 # The job states and the one thing a job may wait for, by name.
 JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED = JOB_STATES

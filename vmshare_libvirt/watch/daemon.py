@@ -29,6 +29,7 @@ from .jobs import EnrollFn, Enroller
 from .outcome import Done, DoneLog
 from .policy import Action, classify
 from .reconcile import Reconciler
+from .resyncs import ResyncTrigger
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Watcher:
         self._stopping = False
         self._instance_lock = InstanceLock(cfg.store_dir)
         self.enroller: Enroller | None = None
+        self.resyncs: ResyncTrigger | None = None
         self.reconciler: Reconciler | None = None
         if store is not None:
             self._attach(store)
@@ -79,6 +81,7 @@ class Watcher:
     def _attach(self, store: Any) -> None:
         self.store = store
         self.enroller = Enroller(self.cfg, store, self.done_log, self._enroll_fn, self.stopping)
+        self.resyncs = ResyncTrigger(self.cfg.resync, store, self.done_log)
         self.reconciler = Reconciler(store, self.enroller, self.done_log, self.stopping)
 
     @property
@@ -178,6 +181,8 @@ class Watcher:
         if not self.link.check_alive():
             return
         self.enroller.run_timers(self.conn, time.monotonic())
+        if self.resyncs.tick():
+            self.enroller.run_due_jobs(self.conn)
 
     def handle(self, item: Item) -> None:
         """Serve one item from the event queue."""

@@ -35,7 +35,7 @@ from ..errors import BusyError, VmshareError
 from ..libvirt_conn import find, libvirt_errors
 from ..store.queue import enroll_target
 from ..store.records import (JOB_DONE, JOB_ENROLL, JOB_FAILED, JOB_KINDS, JOB_LOCK_CHECK, JOB_PATCH, JOB_QUEUED,
-                             WAIT_DOMAIN_STOPPED, Job)
+                             JOB_RESYNC, WAIT_DOMAIN_STOPPED, Job)
 from .outcome import BUSY, FAILED, QUEUED, SKIPPED, Done, DoneLog
 from .policy import policy_refusal
 
@@ -47,6 +47,7 @@ EnrollFn = Callable[..., EnrollOutcome]
 _GONE = "the domain is no longer defined"
 PATCHED_DONE = "patched"
 LOCK_CHECKED = "lock-checked"
+RESYNCED = "resynced"
 
 #: Why a domain may be enrolled automatically (said in the log and in what the watcher did).
 WHY_NEW = "defined after the watcher started"
@@ -203,6 +204,8 @@ class Enroller:
             self.run_due_jobs(conn)
 
     def _run_job(self, conn: Any, job: Job) -> Done:
+        if job.kind == JOB_RESYNC:
+            return self._finish(job, self._guarded_resync(conn, job))
         # a job may wait for one domain (a running group member) to enroll another
         name = enroll_target(job.domain, job.params)
         if name is None or find(conn, name) is None:
@@ -219,6 +222,19 @@ class Enroller:
             self.store.finish_job(job.id, JOB_FAILED, f"{type(exc).__name__}: {exc}")
             log.exception("job %d (%s %s) failed", job.id, job.kind, name)
             return Done(name, FAILED, f"{type(exc).__name__}: {exc}", job.id)
+        return self._finish(job, attempt)
+
+    def _guarded_resync(self, conn: Any, job: Job) -> _Attempt:
+        group = job.params.get("group", "-")
+        try:
+            return self._resync(conn, group, job)
+        except Exception as exc:  # noqa: BLE001 - a bug in one job must not wedge the queue
+            log.exception("job %d (resync of group %s) failed", job.id, group)
+            detail = f"{type(exc).__name__}: {exc}"
+            return _Attempt(Done(group, FAILED, detail, job.id), detail)
+
+    def _finish(self, job: Job, attempt: _Attempt) -> Done:
+        """Put ``job`` back in the queue (busy store) or end it, as its attempt says."""
         what = attempt.done.what
         if what == BUSY:
             self.store.requeue_running_jobs()
@@ -262,7 +278,6 @@ class Enroller:
         The manifest is read again and must be the one that was queued (same digest)."""
         from ..engine.patch import PATCHED, QUEUED as PATCH_QUEUED
         from ..engine.patch import patch as engine_patch
-        from ..engine.recover import recover
         from ..patchfile import load
 
         try:
@@ -270,16 +285,12 @@ class Enroller:
             if manifest.digest != job.params.get("digest"):
                 raise VmshareError("the manifest or a file it names changed since the patch was queued",
                                    target=job.params["manifest"], hint="run 'vmshare patch' again")
-            with self.store.lock(wait=False, kind="patch"):
-                recover(self.store, conn)
-                report = engine_patch(self.cfg, conn, self.store, manifest, [name], queue=False,
-                                      progress=_progress(name))
-            _sync_pools(conn, self.cfg)
-        except BusyError as exc:
-            detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
-            return _Attempt(self.done.note(Done(name, BUSY, detail, job.id)), exc.message)
         except VmshareError as exc:
             return _Attempt(self.done.note(Done(name, FAILED, str(exc), job.id), logging.WARNING), str(exc))
+        report, failed = self._under_lock(conn, name, job, "patch", lambda: engine_patch(
+            self.cfg, conn, self.store, manifest, [name], queue=False, progress=_progress(name)))
+        if failed:
+            return failed
         res = report.members[0]
         if res.result == PATCH_QUEUED or (res.result != PATCHED and "running" in res.detail):
             # started again before the patch could run: wait for the next stop
@@ -287,6 +298,38 @@ class Enroller:
         what = PATCHED_DONE if res.result == PATCHED else FAILED
         detail = f"patch {manifest.name}: {res.result}" + (f": {res.detail}" if res.detail else "")
         return _Attempt(self.done.note(Done(name, what, detail, job.id)), detail)
+
+    def _under_lock(self, conn: Any, who: str, job: Job, kind: str, work: Callable[[], Any]
+                    ) -> tuple[Any, _Attempt | None]:
+        """``work()`` under the store lock, interrupted operations recovered first, the pools synced after:
+        (its result, None), or (None, the attempt) when the store was busy or the engine refused."""
+        from ..engine.recover import recover
+
+        try:
+            with self.store.lock(wait=False, kind=kind):
+                recover(self.store, conn)
+                result = work()
+            _sync_pools(conn, self.cfg)
+        except BusyError as exc:
+            detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
+            return None, _Attempt(self.done.note(Done(who, BUSY, detail, job.id)), exc.message)
+        except VmshareError as exc:
+            return None, _Attempt(self.done.note(Done(who, FAILED, str(exc), job.id), logging.WARNING), str(exc))
+        return result, None
+
+    def _resync(self, conn: Any, group: str, job: Job) -> _Attempt:
+        """A resync of ``group`` the watcher started by itself (see :mod:`.resyncs`)."""
+        from ..engine.resync import resync
+
+        report, failed = self._under_lock(conn, group, job, "resync", lambda: resync(
+            self.cfg, conn, self.store, group, progress=_progress(group)))
+        if failed:
+            return failed
+        moved = (f"generation {report.generation}: {report.into_base_files} files into the base, "
+                 f"{report.out_of_base_files} out of it" if report.generation is not None
+                 else "the base already holds the common files: nothing to move")
+        detail = f"{moved} ({job.params.get('why', '')})"
+        return _Attempt(self.done.note(Done(group, RESYNCED, detail, job.id)), detail)
 
     def stopped(self, name: str) -> None:
         """``name`` stopped: when it is a member of a group with locked paths, queue the check of those
@@ -306,15 +349,11 @@ class Enroller:
         if not paths:
             reason = "not a member of a group with locked paths any more"
             return _Attempt(self.done.note(Done(name, SKIPPED, reason, job.id)), reason)
-        try:
-            with self.store.lock(wait=False, kind="drift"):
-                report = drift(self.cfg, conn, self.store, member.group_name, list(paths), progress=_progress(name),
-                               locked_policy=self.cfg.lockdown.on_drift, only=[name])
-        except BusyError as exc:
-            detail = f"{exc.message}; retry in {self.cfg.watch.retry_busy_s} s"
-            return _Attempt(self.done.note(Done(name, BUSY, detail, job.id)), exc.message)
-        except VmshareError as exc:
-            return _Attempt(self.done.note(Done(name, FAILED, str(exc), job.id), logging.WARNING), str(exc))
+        report, failed = self._under_lock(conn, name, job, "drift", lambda: drift(
+            self.cfg, conn, self.store, member.group_name, list(paths), progress=_progress(name),
+            locked_policy=self.cfg.lockdown.on_drift, only=[name]))
+        if failed:
+            return failed
         md = report.members[0]
         if not md.read:
             return _Attempt(self.done.note(Done(name, SKIPPED, md.detail, job.id)), md.detail)
