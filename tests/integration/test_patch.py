@@ -352,7 +352,8 @@ def test_resync_moves_a_change_every_member_made_into_the_base(grp, first):
 
 def _the_watcher_resyncs_on_its_schedule(grp) -> None:
     """resync.every_hours: two hours after that resync the watcher queues one resync job for the group
-    (never two) and runs it through the engine; the base already holds the common files."""
+    (never two) and runs it through the queue and the engine; a is running then, so the engine leaves
+    both members as they are (a resync needs two offline members) and the job says why."""
     import libvirt
 
     from vmshare_libvirt import config
@@ -362,7 +363,10 @@ def _the_watcher_resyncs_on_its_schedule(grp) -> None:
     from vmshare_libvirt.watch.outcome import DoneLog
     from vmshare_libvirt.watch.resyncs import ResyncTrigger
 
+    before = {k: _sha(grp.disk[k]) for k in grp.disk}
     done = DoneLog()
+    a = grp.name["a"]
+    ch.run(["virsh", "start", a])
     conn = libvirt.open("qemu:///system")
     try:
         with Store.open(grp.store.dir) as store:
@@ -372,8 +376,12 @@ def _the_watcher_resyncs_on_its_schedule(grp) -> None:
             assert store.jobs(state="queued") == []
     finally:
         conn.close()
+        ch.run(["virsh", "destroy", a], check=False)
     assert [(d.domain, d.what) for d in done.entries] == [(GROUP, "queued"), (GROUP, "resynced")], done.entries
-    assert done.entries[1].detail.startswith("the base already holds the common files: nothing to move (resync.")
+    detail = done.entries[1].detail
+    assert detail.startswith(f"no new generation ({a}: ") and "running" in detail, detail
+    assert detail.endswith("(resync.every_hours is 1: the last resync was 2.0 h ago)"), detail
+    assert _sha(grp.disk["b"]) == before["b"]
 
 
 def test_drift_reads_only_what_a_member_changed_since_its_base(grp, first):

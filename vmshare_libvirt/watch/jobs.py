@@ -325,9 +325,12 @@ class Enroller:
             self.cfg, conn, self.store, group, progress=_progress(group)))
         if failed:
             return failed
-        moved = (f"generation {report.generation}: {report.into_base_files} files into the base, "
-                 f"{report.out_of_base_files} out of it" if report.generation is not None
-                 else "the base already holds the common files: nothing to move")
+        if report.generation is not None:
+            moved = (f"generation {report.generation}: {report.into_base_files} files into the base, "
+                     f"{report.out_of_base_files} out of it")
+        else:  # fewer than two members were offline: each keeps its generation
+            left = "; ".join(f"{d.domain}: {d.detail}" for d in report.members if d.detail)
+            moved = "no new generation" + (f" ({left})" if left else "")
         detail = f"{moved} ({job.params.get('why', '')})"
         return _Attempt(self.done.note(Done(group, RESYNCED, detail, job.id)), detail)
 
