@@ -308,6 +308,25 @@ def test_the_daemon_loop_follows_the_test_driver(tmp_path, test_conn):
     assert watcher.conn is None
 
 
+def _define_and_deliver(conn, label: str):
+    """Define a domain and wait until libvirt's event loop has delivered its DEFINED event: a watcher
+    that subscribes afterwards must not get it (on a loaded machine the delivery can lag behind the
+    watcher's start, and the event would make the domain look newly defined)."""
+    defined: list[str] = []  # names whose DEFINED event was delivered (the callback may run before define returns)
+
+    def seen(_conn, dom, event, _detail, _opaque):
+        if event == libvirt.VIR_DOMAIN_EVENT_DEFINED:
+            defined.append(dom.name())
+
+    callback = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, seen, None)
+    try:
+        dom = conn.define(label)
+        wait_for(lambda: dom.name() in defined, what=f"the DEFINED event of {dom.name()}")
+    finally:
+        conn.domainEventDeregisterAny(callback)
+    return dom
+
+
 def test_the_daemon_leaves_existing_domains_alone_by_default(tmp_path, test_conn):
     """watch.enroll_existing off (the default): a domain defined before the watcher started is not
     enrolled, one defined while it runs is, and one the administrator rolled back is not either."""
@@ -320,7 +339,7 @@ def test_the_daemon_leaves_existing_domains_alone_by_default(tmp_path, test_conn
     prefix = "vmshare-unit-"
     cfg = config.parse(f"store_dir: {tmp_path / 'store'}\nauto_enroll:\n  include: ['{prefix}*']\n")
     Store.open(tmp_path / "store").close()
-    before = test_conn.define("before")
+    before = _define_and_deliver(test_conn, "before")
     watcher = Watcher(cfg, URI, enroll_fn=engine)
     thread = threading.Thread(target=watcher.run, daemon=True)
     thread.start()
