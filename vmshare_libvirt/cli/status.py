@@ -199,7 +199,7 @@ def run(args, ctx) -> int:
                 conn = _connect(ctx, cfg)
             data = collect(store, args.group, conn)
             if args.reclaim:
-                add_reclaim_estimates(store, data, ctx.progress)
+                add_reclaim_estimates(data, ctx.progress)
             if args.history:
                 for g in data["groups"]:
                     g["drift_history"] = {m["domain"]: [
@@ -227,13 +227,13 @@ def _locked_json(row) -> dict | None:
     return {"entries": entries, "first": first, "policy": policy, "at": at}
 
 
-def add_reclaim_estimates(store, data: dict, progress) -> None:
-    """Each group's ``reclaim_estimate`` (see :mod:`..engine.reclaim`)."""
+def add_reclaim_estimates(data: dict, progress) -> None:
+    """Each group's ``reclaim_estimate`` (see :mod:`..engine.reclaim`), from the member disks ``collect`` listed."""
     from ..engine.reclaim import estimate
 
     for g in data["groups"]:
         progress(f"hashing the overlays of group {g['name']}")
-        est = estimate([m.disk_path for m in store.members(group_name=g["name"])])
+        est = estimate([m["disk"] for m in g["members"]])
         g["reclaim_estimate"] = {"bytes": est.bytes, "blocks": est.blocks, "overlay_bytes": est.overlay_bytes,
                                  "members_read": est.members, "members_unread": est.unread}
 
